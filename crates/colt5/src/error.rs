@@ -1,0 +1,84 @@
+//! The error type of the crate.
+
+/// Everything that can go wrong when calling into colt5 with bad input.
+///
+/// Each variant says what was wrong and carries the offending values, so that the
+/// message alone is enough to fix the call.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum Error {
+    /// A configuration value is outside its valid range.
+    #[error("invalid {name} = {value}: {expected}")]
+    InvalidConfig {
+        /// The option's name.
+        name: &'static str,
+        /// The rejected value, as text.
+        value: String,
+        /// What a valid value looks like.
+        expected: &'static str,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{name} has shape {actual:?}, expected {expected}")]
+    Shape {
+        /// Which tensor.
+        name: &'static str,
+        /// Its shape.
+        actual: Vec<usize>,
+        /// The shape (or shape rule) it must have.
+        expected: String,
+    },
+    /// A tensor holds NaN or infinite values where only finite ones are allowed.
+    #[error("{name} contains {count} non-finite value(s) (NaN or infinity)")]
+    NonFinite {
+        /// Which tensor.
+        name: &'static str,
+        /// How many of its entries are not finite.
+        count: usize,
+    },
+    /// The soft top-k count `k` is not positive.
+    #[error("k must be positive, got {k} (row {row})")]
+    NonPositiveK {
+        /// The rejected k.
+        k: f64,
+        /// The first row (in row-major order of the leading dimensions) that has it.
+        row: usize,
+    },
+    /// The soft top-k count `k` exceeds the length of the row it selects from.
+    #[error("k = {k} exceeds the row length {n} (row {row}); at most n entries can be selected")]
+    KExceedsRow {
+        /// The rejected k.
+        k: f64,
+        /// The row length (number of entries on the last axis, masked ones included).
+        n: usize,
+        /// The first row that has it.
+        row: usize,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A weights or golden file does not have the expected content.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The result type of the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn config(name: &'static str, value: impl ToString, expected: &'static str) -> Self {
+        Error::InvalidConfig {
+            name,
+            value: value.to_string(),
+            expected,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! # colt5
+//!
+//! Conditional computation for long sequences, on [burn](https://burn.dev): the
+//! coordinate-descent soft top-k with an exact backward pass, the CoLT5 routed layers, and
+//! the coordinate-descent-attention language model. Modules are generic over burn's
+//! `Backend`, so the same model runs on CPU (`NdArray`) and, with the `cuda` feature, on
+//! NVIDIA GPUs.
+//!
+//! Start with [`coor_descent::coor_descent`], the routing operator.
+
+#![warn(missing_docs)]
+
+pub mod coor_descent;
+pub mod error;
+pub mod golden;
+pub mod parity;
+
+pub use error::{Error, Result};
