@@ -31,7 +31,10 @@ pub struct DemoArgs {
 /// Solves one batch of router scores with the reference schedule and with the converged
 /// solver, and prints how each meets k and how its hard top-k compares with the scores'.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(args.batch > 0 && args.tokens > 0, "--batch and --tokens must be positive");
+    anyhow::ensure!(
+        args.batch > 0 && args.tokens > 0,
+        "--batch and --tokens must be positive"
+    );
     anyhow::ensure!(
         args.route > 0 && args.route <= args.tokens,
         "--route must be between 1 and --tokens ({})",
@@ -65,7 +68,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     for (name, config) in solvers {
         let start = Instant::now();
         let (y, stats) = coor_descent_with_stats(scores.clone(), k, None, &config)?;
-        let sums: Vec<f32> = y.clone().sum_dim(1).into_data().to_vec().unwrap_or_default();
+        let sums: Vec<f32> = y
+            .clone()
+            .sum_dim(1)
+            .into_data()
+            .to_vec()
+            .unwrap_or_default();
         let elapsed = start.elapsed();
         let worst = sums
             .iter()

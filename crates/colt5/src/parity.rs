@@ -117,8 +117,18 @@ fn coor_descent_case<B: AutodiffBackend + CoorDescentBackend>(
 
     let (out_tol, grad_tol) = tolerances(precision, Some(eps), false);
     Ok(vec![
-        compare("out.scores", output.into_data(), case.tensor("out.scores")?, out_tol),
-        compare("grad.in.s", d_scores.into_data(), case.tensor("grad.in.s")?, grad_tol),
+        compare(
+            "out.scores",
+            output.into_data(),
+            case.tensor("out.scores")?,
+            out_tol,
+        ),
+        compare(
+            "grad.in.s",
+            d_scores.into_data(),
+            case.tensor("grad.in.s")?,
+            grad_tol,
+        ),
     ])
 }
 
@@ -150,9 +160,22 @@ fn compare(name: &str, ours: TensorData, reference: &CaseTensor, tolerance: f64)
             .iter()
             .zip(&reference.values)
             .map(|(a, b)| (a - b).abs())
-            .fold(0.0, |m: f64, d| if d.is_nan() || m.is_nan() { f64::NAN } else { m.max(d) });
+            .fold(0.0, |m: f64, d| {
+                if d.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(d)
+                }
+            });
         let scale = reference.values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        (max_abs, if scale > 0.0 { max_abs / scale } else { max_abs })
+        (
+            max_abs,
+            if scale > 0.0 {
+                max_abs / scale
+            } else {
+                max_abs
+            },
+        )
     } else {
         (f64::INFINITY, f64::INFINITY)
     };

@@ -1,10 +1,8 @@
 //! Properties, gradients and input errors of the coordinate-descent soft top-k.
 
 use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Bool, Distribution, Tensor, TensorData};
-use colt5::coor_descent::{
-    coor_descent, coor_descent_with_stats, CoorDescentConfig, RowK, Solver,
-};
+use burn::tensor::{Bool, Tensor, TensorData};
+use colt5::coor_descent::{coor_descent, coor_descent_with_stats, CoorDescentConfig, RowK, Solver};
 use colt5::Error;
 use proptest::prelude::*;
 
@@ -63,7 +61,10 @@ struct GradCheck {
 
 impl GradCheck {
     fn loss(&self, s: &[f64], k: &[f64], g: &[f64]) -> f64 {
-        let mask = self.mask.clone().map(|m| bool_tensor::<F64, 2>(m, [self.rows, self.n]));
+        let mask = self
+            .mask
+            .clone()
+            .map(|m| bool_tensor::<F64, 2>(m, [self.rows, self.n]));
         let y = coor_descent(
             tensor::<F64, 2>(s.to_vec(), [self.rows, self.n]),
             RowK::PerRow(tensor::<F64, 1>(k.to_vec(), [self.rows])),
@@ -80,7 +81,10 @@ impl GradCheck {
         let g = normals(seed + 1, self.rows * self.n, 1.0);
         let scores = tensor::<F64Grad, 2>(s.clone(), [self.rows, self.n]).require_grad();
         let k = tensor::<F64Grad, 1>(self.k.clone(), [self.rows]).require_grad();
-        let mask = self.mask.clone().map(|m| bool_tensor::<F64Grad, 2>(m, [self.rows, self.n]));
+        let mask = self
+            .mask
+            .clone()
+            .map(|m| bool_tensor::<F64Grad, 2>(m, [self.rows, self.n]));
         let y = coor_descent(scores.clone(), RowK::PerRow(k.clone()), mask, &self.config).unwrap();
         let grads = (y * tensor::<F64Grad, 2>(g.clone(), [self.rows, self.n]))
             .sum()
@@ -113,7 +117,10 @@ impl GradCheck {
 }
 
 fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
-    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let scale = reference
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(1e-12);
     ours.iter()
         .zip(reference)
         .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
@@ -148,19 +155,39 @@ fn check_gradients(config: CoorDescentConfig, masked: bool, tolerance: f64) {
 
 #[test]
 fn iterative_gradients_match_finite_differences() {
-    check_gradients(CoorDescentConfig::iterations(20, 0.1, None, 1.0), false, 1e-6);
-    check_gradients(CoorDescentConfig::iterations(20, 0.1, None, 1.0), true, 1e-6);
+    check_gradients(
+        CoorDescentConfig::iterations(20, 0.1, None, 1.0),
+        false,
+        1e-6,
+    );
+    check_gradients(
+        CoorDescentConfig::iterations(20, 0.1, None, 1.0),
+        true,
+        1e-6,
+    );
 }
 
 #[test]
 fn iterative_gradients_with_eps_schedule_match_finite_differences() {
-    check_gradients(CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7), true, 1e-6);
+    check_gradients(
+        CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7),
+        true,
+        1e-6,
+    );
 }
 
 #[test]
 fn iterative_gradients_at_many_iterations_and_small_eps_match_finite_differences() {
-    check_gradients(CoorDescentConfig::iterations(120, 0.03, None, 1.0), false, 1e-6);
-    check_gradients(CoorDescentConfig::iterations(100, 0.2, Some(2.0), 0.9), true, 1e-6);
+    check_gradients(
+        CoorDescentConfig::iterations(120, 0.03, None, 1.0),
+        false,
+        1e-6,
+    );
+    check_gradients(
+        CoorDescentConfig::iterations(100, 0.2, Some(2.0), 0.9),
+        true,
+        1e-6,
+    );
 }
 
 #[test]
@@ -171,9 +198,15 @@ fn converged_gradients_match_finite_differences() {
     };
     // The forward is solved to ~1e-13; central differences with h = 1e-6 magnify that
     // residual to ~1e-7 of the gradient's scale.
-    check_gradients(CoorDescentConfig::new().with_solver(converged.clone()), false, 1e-5);
     check_gradients(
-        CoorDescentConfig::new().with_eps(0.03).with_solver(converged),
+        CoorDescentConfig::new().with_solver(converged.clone()),
+        false,
+        1e-5,
+    );
+    check_gradients(
+        CoorDescentConfig::new()
+            .with_eps(0.03)
+            .with_solver(converged),
         true,
         1e-5,
     );
@@ -189,12 +222,16 @@ fn f32_gradients_are_accurate_at_small_eps() {
         if f32 {
             let scores = tensor::<F32Grad, 2>(s.clone(), [rows, n]).require_grad();
             let y = coor_descent(scores.clone(), 128.0, None, config).unwrap();
-            let grads = (y * tensor::<F32Grad, 2>(g.clone(), [rows, n])).sum().backward();
+            let grads = (y * tensor::<F32Grad, 2>(g.clone(), [rows, n]))
+                .sum()
+                .backward();
             values(scores.grad(&grads).unwrap())
         } else {
             let scores = tensor::<F64Grad, 2>(s.clone(), [rows, n]).require_grad();
             let y = coor_descent(scores.clone(), 128.0, None, config).unwrap();
-            let grads = (y * tensor::<F64Grad, 2>(g.clone(), [rows, n])).sum().backward();
+            let grads = (y * tensor::<F64Grad, 2>(g.clone(), [rows, n]))
+                .sum()
+                .backward();
             values(scores.grad(&grads).unwrap())
         }
     };
@@ -203,7 +240,10 @@ fn f32_gradients_are_accurate_at_small_eps() {
         CoorDescentConfig::iterations(50, 0.03, None, 1.0),
     ] {
         let error = relative_error(&gradient(&config, true), &gradient(&config, false));
-        println!("f32 vs f64 gradient, {:?}: relative error {error:.2e}", config.solver);
+        println!(
+            "f32 vs f64 gradient, {:?}: relative error {error:.2e}",
+            config.solver
+        );
         assert!(error < 1e-4, "{error:e}");
     }
 }
@@ -308,7 +348,10 @@ fn converged_solver_needs_few_passes() {
     let worst = values(y.sum_dim(1))
         .iter()
         .fold(0.0f64, |m, total| m.max((total / 256.0 - 1.0).abs()));
-    println!("converged solver: {} passes, worst |Σy/k − 1| = {worst:.1e}", stats.passes);
+    println!(
+        "converged solver: {} passes, worst |Σy/k − 1| = {worst:.1e}",
+        stats.passes
+    );
     assert!(worst <= 1e-6, "{worst:e}");
     assert!(stats.passes <= 30, "{} passes", stats.passes);
 }
@@ -328,42 +371,88 @@ fn bad_input_gives_typed_errors() {
     let ok = || vec![0.5; 8];
     let cfg = CoorDescentConfig::new;
     assert!(matches!(
-        error_of(ok(), [2, 4], 2.0.into(), None, CoorDescentConfig::iterations(0, 0.1, None, 1.0)),
-        Error::InvalidConfig { name: "n_iters", .. }
+        error_of(
+            ok(),
+            [2, 4],
+            2.0.into(),
+            None,
+            CoorDescentConfig::iterations(0, 0.1, None, 1.0)
+        ),
+        Error::InvalidConfig {
+            name: "n_iters",
+            ..
+        }
     ));
     assert!(matches!(
         error_of(ok(), [2, 4], 2.0.into(), None, cfg().with_eps(0.0)),
         Error::InvalidConfig { name: "eps", .. }
     ));
     assert!(matches!(
-        error_of(ok(), [2, 4], 2.0.into(), None, CoorDescentConfig::iterations(5, 0.1, None, 1.5)),
-        Error::InvalidConfig { name: "eps_decay", .. }
+        error_of(
+            ok(),
+            [2, 4],
+            2.0.into(),
+            None,
+            CoorDescentConfig::iterations(5, 0.1, None, 1.5)
+        ),
+        Error::InvalidConfig {
+            name: "eps_decay",
+            ..
+        }
     ));
     let mut nan = ok();
     nan[3] = f64::NAN;
     nan[5] = f64::INFINITY;
     assert_eq!(
         error_of(nan, [2, 4], 2.0.into(), None, cfg()),
-        Error::NonFinite { name: "scores", count: 2 }
+        Error::NonFinite {
+            name: "scores",
+            count: 2
+        }
     );
     assert!(matches!(
         error_of(ok(), [2, 4], 0.0.into(), None, cfg()),
         Error::NonPositiveK { .. }
     ));
     assert_eq!(
-        error_of(ok(), [2, 4], RowK::PerRow(tensor::<F64, 1>(vec![2.0, 5.0], [2])), None, cfg()),
-        Error::KExceedsRow { k: 5.0, n: 4, row: 1 }
+        error_of(
+            ok(),
+            [2, 4],
+            RowK::PerRow(tensor::<F64, 1>(vec![2.0, 5.0], [2])),
+            None,
+            cfg()
+        ),
+        Error::KExceedsRow {
+            k: 5.0,
+            n: 4,
+            row: 1
+        }
     );
     assert!(matches!(
-        error_of(ok(), [2, 4], RowK::PerRow(tensor::<F64, 1>(vec![2.0; 3], [3])), None, cfg()),
+        error_of(
+            ok(),
+            [2, 4],
+            RowK::PerRow(tensor::<F64, 1>(vec![2.0; 3], [3])),
+            None,
+            cfg()
+        ),
         Error::Shape { name: "k", .. }
     ));
     assert!(matches!(
-        error_of(ok(), [2, 4], 2.0.into(), Some(bool_tensor::<F64, 2>(vec![true; 6], [2, 3])), cfg()),
+        error_of(
+            ok(),
+            [2, 4],
+            2.0.into(),
+            Some(bool_tensor::<F64, 2>(vec![true; 6], [2, 3])),
+            cfg()
+        ),
         Error::Shape { name: "mask", .. }
     ));
     let message = error_of(ok(), [2, 4], 9.0.into(), None, cfg()).to_string();
-    assert!(message.contains("k = 9") && message.contains("row length 4"), "{message}");
+    assert!(
+        message.contains("k = 9") && message.contains("row length 4"),
+        "{message}"
+    );
 }
 
 proptest! {

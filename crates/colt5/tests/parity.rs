@@ -47,8 +47,8 @@ fn golden_cases_match_the_reference() {
     for file in &files {
         let case = Case::load(file).unwrap_or_else(|e| panic!("cannot read a golden case: {e}"));
         for precision in [Precision::F64, Precision::F32] {
-            let outcome = run_case(&case, precision)
-                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let outcome =
+                run_case(&case, precision).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             match outcome {
                 Outcome::Compared(comparisons) => {
                     compared += 1;
@@ -74,12 +74,24 @@ fn golden_cases_match_the_reference() {
                             case.module
                         ));
                     } else if precision == Precision::F64 {
-                        println!("{}: module `{}` not implemented yet", file.display(), case.module);
+                        println!(
+                            "{}: module `{}` not implemented yet",
+                            file.display(),
+                            case.module
+                        );
                     }
                 }
             }
         }
     }
-    assert!(compared > 0, "no golden case of an implemented module in {}", dir.display());
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        compared > 0,
+        "no golden case of an implemented module in {}",
+        dir.display()
+    );
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }

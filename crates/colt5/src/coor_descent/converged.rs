@@ -107,8 +107,7 @@ pub(crate) fn backward<B: Backend>(
     let active = (scores.clone() + threshold.clone()).lower_elem(0.0);
     let weights = output(scores, threshold, eps, mask).mask_fill(active.bool_not(), 0.0);
     let weight_total = weights.clone().sum_dim(1);
-    let mean_grad =
-        (weights.clone() * grad.clone()).sum_dim(1) / weight_total.clamp_min(TINY);
+    let mean_grad = (weights.clone() * grad.clone()).sum_dim(1) / weight_total.clamp_min(TINY);
     let d_scores = (grad - mean_grad.clone()) * weights.div_scalar(eps);
     (d_scores, mean_grad)
 }

@@ -55,7 +55,10 @@ pub(crate) fn prepare<B: Backend>(
     match mask {
         Some(mask) => {
             let n_valid = mask.clone().float().sum_dim(1).clamp_min(1.0);
-            (scores.mask_fill(mask.clone().bool_not(), MASKED_SCORE), n_valid)
+            (
+                scores.mask_fill(mask.clone().bool_not(), MASKED_SCORE),
+                n_valid,
+            )
         }
         None => {
             let n_valid = Tensor::full([rows, 1], n as f64, &scores.device());
@@ -89,9 +92,7 @@ fn iteration_softmax<B: Backend>(
     let [rows, n] = scores.dims();
     let ceiling = previous.neg();
     let shift = row_max.clone().min_pair(ceiling.clone());
-    let capped = scores
-        .clone()
-        .min_pair(ceiling.clone().expand([rows, n]));
+    let capped = scores.clone().min_pair(ceiling.clone().expand([rows, n]));
     let weights = (capped - shift.clone()).div_scalar(eps).exp();
     let total = weights.clone().sum_dim(1);
     (weights, total, shift)
@@ -136,7 +137,9 @@ pub(crate) fn backward<B: Backend>(
     let threshold_at = |t: usize| thresholds.clone().slice([0..rows, t - 1..t]);
 
     let last = threshold_at(steps);
-    let active = (scores.clone() + last.clone()).lower_equal_elem(0.0).float();
+    let active = (scores.clone() + last.clone())
+        .lower_equal_elem(0.0)
+        .float();
     let y = output(scores.clone(), last, schedule.output, mask);
     let mut d_scores = (grad * y * active).div_scalar(schedule.output);
     let mut d_a = d_scores.clone().sum_dim(1);
@@ -146,7 +149,9 @@ pub(crate) fn backward<B: Backend>(
     for t in (2..=steps).rev() {
         let eps = schedule.iterations[t - 1];
         let previous = threshold_at(t - 1);
-        let below = scores.clone().lower_equal(previous.clone().neg().expand(scores.dims()));
+        let below = scores
+            .clone()
+            .lower_equal(previous.clone().neg().expand(scores.dims()));
         let (weights, total, _) = iteration_softmax(&scores, &row_max, previous, eps);
         let p_below = (weights / total).mask_fill(below.bool_not(), 0.0);
         let mass_below = p_below.clone().sum_dim(1);

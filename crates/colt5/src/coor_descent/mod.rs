@@ -281,7 +281,11 @@ pub trait CoorDescentBackend: Backend {
             ),
             (Solver::Iterations { .. }, None) => unreachable!("iterations always have a schedule"),
         };
-        (primitive(output), primitive(thresholds), SolveStats { passes })
+        (
+            primitive(output),
+            primitive(thresholds),
+            SolveStats { passes },
+        )
     }
 
     /// Gradients of the loss with respect to the scores and to k, given the gradient with
@@ -331,11 +335,14 @@ where
 {
 }
 
+/// CubeCL backends (CUDA; `Cuda` is built without burn's fusion layer).
 #[cfg(feature = "cuda")]
-impl<F, I> CoorDescentBackend for burn::backend::Cuda<F, I>
+impl<R, F, I, BT> CoorDescentBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
-    F: burn::backend::cuda::FloatElement,
-    I: burn::backend::cuda::IntElement,
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::element::BoolElement,
 {
 }
 
@@ -404,7 +411,11 @@ pub fn coor_descent_with_stats<B: CoorDescentBackend, const D: usize>(
                 });
             }
             if config.validate {
-                let values = k.to_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
+                let values = k
+                    .to_data()
+                    .convert::<f64>()
+                    .to_vec::<f64>()
+                    .unwrap_or_default();
                 check_k(&values, n, true)?;
             }
             k.reshape([rows, 1])
@@ -442,7 +453,7 @@ fn check_k(values: &[f64], n: usize, validate: bool) -> crate::Result<()> {
         return Ok(());
     }
     for (row, &k) in values.iter().enumerate() {
-        if !(k > 0.0) || !k.is_finite() {
+        if !k.is_finite() || k <= 0.0 {
             return Err(Error::NonPositiveK { k, row });
         }
         if k > n as f64 {
