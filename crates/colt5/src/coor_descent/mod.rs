@@ -39,14 +39,19 @@
 //! ```
 //! use burn::backend::NdArray;
 //! use burn::tensor::Tensor;
-//! use colt5::coor_descent::{coor_descent, CoorDescentConfig};
+//! use colt5::coor_descent::{coor_descent, CoorDescentConfig, Solver};
 //!
 //! let device = Default::default();
 //! let scores = Tensor::<NdArray, 2>::from_floats([[3.0, 1.0, 0.5, -2.0, 2.5]], &device);
-//! let config = CoorDescentConfig::new().with_eps(0.05);
-//! let y = coor_descent(scores, 2.0, None, &config).unwrap();
-//! let total: f32 = y.sum().into_scalar();
-//! assert!((total - 2.0).abs() < 0.05);
+//! // The reference's iterations...
+//! let config = CoorDescentConfig::iterations(20, 0.1, None, 1.0);
+//! let y = coor_descent(scores.clone(), 2.0, None, &config).unwrap();
+//! let values: Vec<f32> = y.into_data().to_vec().unwrap();
+//! assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
+//! // ...or the converged solver, which meets Σy = k.
+//! let config = CoorDescentConfig::new().with_solver(Solver::converged());
+//! let total: f32 = coor_descent(scores, 2.0, None, &config).unwrap().sum().into_scalar();
+//! assert!((total - 2.0).abs() < 1e-5);
 //! ```
 
 mod autodiff;
