@@ -84,27 +84,7 @@ impl Case {
             .map_err(|e| format_error(format!("not a safetensors file: {e}")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in file.tensors() {
-            let data = view.data();
-            let values: Vec<f64> = match view.dtype() {
-                Dtype::F64 => data
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")))
-                    .collect(),
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().expect("4-byte chunk")) as f64)
-                    .collect(),
-                Dtype::I64 => data
-                    .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f64)
-                    .collect(),
-                Dtype::U8 | Dtype::BOOL => data.iter().map(|&b| b as f64).collect(),
-                other => {
-                    return Err(format_error(format!(
-                        "tensor `{name}` has unsupported dtype {other:?}"
-                    )))
-                }
-            };
+            let values = decode(&name, view.dtype(), view.data()).map_err(format_error)?;
             let shape = view.shape().to_vec();
             tensors.insert(name, CaseTensor { shape, values });
         }
@@ -154,4 +134,33 @@ pub fn case_files(dir: &Path) -> crate::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// Converts the little-endian bytes of a safetensors tensor to f64 (booleans and U8 masks to
+/// 0/1, integers exactly up to 2^53); the error names the tensor.
+pub(crate) fn decode(name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f64>, String> {
+    fn chunks<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+        data.chunks_exact(N)
+            .map(|b| b.try_into().expect("chunks_exact yields N bytes"))
+    }
+    Ok(match dtype {
+        Dtype::F64 => chunks::<8>(data).map(f64::from_le_bytes).collect(),
+        Dtype::F32 => chunks::<4>(data)
+            .map(|b| f32::from_le_bytes(b) as f64)
+            .collect(),
+        Dtype::F16 => chunks::<2>(data)
+            .map(|b| half::f16::from_le_bytes(b).to_f64())
+            .collect(),
+        Dtype::BF16 => chunks::<2>(data)
+            .map(|b| half::bf16::from_le_bytes(b).to_f64())
+            .collect(),
+        Dtype::I64 => chunks::<8>(data)
+            .map(|b| i64::from_le_bytes(b) as f64)
+            .collect(),
+        Dtype::I32 => chunks::<4>(data)
+            .map(|b| i32::from_le_bytes(b) as f64)
+            .collect(),
+        Dtype::U8 | Dtype::BOOL => data.iter().map(|&b| b as f64).collect(),
+        other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
+    })
 }

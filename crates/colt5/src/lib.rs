@@ -10,9 +10,14 @@
 
 #![warn(missing_docs)]
 
+pub mod attend;
+pub mod attention;
 pub mod coor_descent;
 pub mod error;
+pub mod feed_forward;
 pub mod golden;
+pub mod import;
+pub mod norm;
 pub mod parity;
 
 pub use error::{Error, Result};

@@ -6,11 +6,19 @@
 //! descent involved, 1e-5/e for outputs and 1e-4/e for gradients of the operator itself,
 //! ten times that for modules built on it.
 
+use std::collections::BTreeMap;
+
 use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{backend::AutodiffBackend, Bool, Tensor, TensorData};
 
+use crate::attend::AttendConfig;
+use crate::attention::SelfAttentionConfig;
 use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
+use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
+use crate::import::{torch_name, StateDict};
+use crate::norm::RmsNormConfig;
 
 /// The floating-point precision a case is run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +82,10 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
 ) -> crate::Result<Outcome> {
     match case.module.as_str() {
         "coor_descent" => coor_descent_case::<B>(case, precision).map(Outcome::Compared),
+        "RMSNorm" | "FeedForward" | "SelfAttention" => {
+            layer_case::<B>(case, precision).map(Outcome::Compared)
+        }
+        "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -130,6 +142,187 @@ fn coor_descent_case<B: AutodiffBackend + CoorDescentBackend>(
             grad_tol,
         ),
     ])
+}
+
+/// A usize from the config, or `default` when absent.
+fn config_usize(case: &Case, name: &str, default: usize) -> crate::Result<usize> {
+    Ok(case.config_f64(name)?.map_or(default, |v| v as usize))
+}
+
+/// Modules of one input `[batch, seq, dim]` and one output: RMSNorm, FeedForward,
+/// SelfAttention.
+fn layer_case<B: AutodiffBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let dim = config_usize(case, "dim", 0)?;
+    let input_key = if case.optional("in.input").is_some() {
+        "input"
+    } else {
+        "x"
+    };
+    let x = float::<B, 3>(case.tensor(&format!("in.{input_key}"))?, &device).require_grad();
+    let state = StateDict::from_case(case);
+    let (output, grads, params) = match case.module.as_str() {
+        "RMSNorm" => {
+            let module = state.load_into(RmsNormConfig::new(dim).init::<B>(&device))?;
+            run_module(&module, module.forward(x.clone()), case)?
+        }
+        "FeedForward" => {
+            let mult = case.config_f64("mult")?.unwrap_or(4.0);
+            let config = FeedForwardConfig::new(dim).with_mult(mult);
+            let module = state.load_into(config.init::<B>(&device))?;
+            run_module(&module, module.forward(x.clone()), case)?
+        }
+        _ => {
+            let config = SelfAttentionConfig::new(dim)
+                .with_dim_head(config_usize(case, "dim_head", 64)?)
+                .with_heads(config_usize(case, "heads", 8)?)
+                .with_prenorm(case.config.get("prenorm").and_then(|v| v.as_bool()) == Some(true));
+            let module = state.load_into(config.init::<B>(&device))?;
+            run_module(&module, module.forward(x.clone())?, case)?
+        }
+    };
+    let (out_tol, grad_tol) = tolerances(precision, None, true);
+    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
+    let input_grad = x.grad(&grads).expect("input requires grad").into_data();
+    let key = format!("grad.in.{input_key}");
+    comparisons.push(compare(&key, input_grad, case.tensor(&key)?, grad_tol));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
+    Ok(comparisons)
+}
+
+fn attend_case<B: AutodiffBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let config = AttendConfig::new()
+        .with_causal(case.config.get("causal").and_then(|v| v.as_bool()) == Some(true))
+        .with_scale(case.config_f64("scale")?);
+    let q = float::<B, 4>(case.tensor("in.q")?, &device).require_grad();
+    let [batch, heads, _, _] = q.dims();
+    // A 3-D key/value tensor is shared by every head.
+    let kv = |name: &str| -> crate::Result<(Leaf<B>, Tensor<B, 4>)> {
+        let stored = case.tensor(name)?;
+        Ok(if stored.shape.len() == 3 {
+            let leaf = float::<B, 3>(stored, &device).require_grad();
+            let [_, keys, dim_head] = leaf.dims();
+            let shared = leaf
+                .clone()
+                .unsqueeze_dim::<4>(1)
+                .expand([batch, heads, keys, dim_head]);
+            (Leaf::Shared(leaf), shared)
+        } else {
+            let leaf = float::<B, 4>(stored, &device).require_grad();
+            (Leaf::PerHead(leaf.clone()), leaf)
+        })
+    };
+    let (k_leaf, k) = kv("in.k")?;
+    let (v_leaf, v) = kv("in.v")?;
+    let mask = case.optional("in.mask").map(|m| mask::<B, 4>(m, &device));
+    let output = config.init().forward(q.clone(), k, v, mask)?;
+    let cotangent = float::<B, 4>(case.tensor("cot.out")?, &device);
+    let grads = (output.clone() * cotangent).sum().backward();
+    let (out_tol, grad_tol) = tolerances(precision, None, true);
+    let mut comparisons = vec![compare(
+        "out.out",
+        output.into_data(),
+        case.tensor("out.out")?,
+        out_tol,
+    )];
+    for (name, leaf) in [("q", Leaf::PerHead(q)), ("k", k_leaf), ("v", v_leaf)] {
+        let key = format!("grad.in.{name}");
+        comparisons.push(compare(
+            &key,
+            leaf.grad(&grads),
+            case.tensor(&key)?,
+            grad_tol,
+        ));
+    }
+    Ok(comparisons)
+}
+
+/// An attention input as the case stores it: per head, or shared by all heads.
+enum Leaf<B: AutodiffBackend> {
+    PerHead(Tensor<B, 4>),
+    Shared(Tensor<B, 3>),
+}
+
+impl<B: AutodiffBackend> Leaf<B> {
+    fn grad(&self, grads: &B::Gradients) -> TensorData {
+        let missing = "attention inputs require grad";
+        match self {
+            Leaf::PerHead(t) => t.grad(grads).expect(missing).into_data(),
+            Leaf::Shared(t) => t.grad(grads).expect(missing).into_data(),
+        }
+    }
+}
+
+/// Back-propagates Σ out·cot and collects the gradients of the module's parameters by
+/// PyTorch name.
+fn run_module<B: AutodiffBackend, M: Module<B>, const D: usize>(
+    module: &M,
+    output: Tensor<B, D>,
+    case: &Case,
+) -> crate::Result<(TensorData, B::Gradients, BTreeMap<String, TensorData>)> {
+    let cotangent = float::<B, D>(case.tensor("cot.out")?, &output.device());
+    let grads = (output.clone() * cotangent).sum().backward();
+    let mut collector = GradientCollector::<B> {
+        grads: &grads,
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    module.visit(&mut collector);
+    let params = collector.found;
+    Ok((output.into_data(), grads, params))
+}
+
+/// Compares every `grad.param.NAME` of the case with our gradient of that parameter.
+fn compare_params(
+    case: &Case,
+    mut params: BTreeMap<String, TensorData>,
+    tolerance: f64,
+) -> crate::Result<Vec<Comparison>> {
+    let mut comparisons = Vec::new();
+    for (key, reference) in case.tensors.range("grad.param.".to_string()..) {
+        let Some(name) = key.strip_prefix("grad.param.") else {
+            break;
+        };
+        let ours = params.remove(name).ok_or_else(|| crate::Error::Format {
+            path: case.path.display().to_string(),
+            message: format!("our module has no parameter `{name}` (or it received no gradient)"),
+        })?;
+        comparisons.push(compare(key, ours, reference, tolerance));
+    }
+    Ok(comparisons)
+}
+
+/// Gradients of every parameter by PyTorch name, in PyTorch's layout.
+struct GradientCollector<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    path: Vec<(String, String)>,
+    found: BTreeMap<String, TensorData>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for GradientCollector<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let (name, transposed) = torch_name(&self.path);
+        if let Some(grad) = param.val().grad(self.grads) {
+            let grad = if transposed { grad.transpose() } else { grad };
+            self.found.insert(name, grad.into_data());
+        }
+    }
 }
 
 fn float<B: burn::tensor::backend::Backend, const D: usize>(

@@ -1,0 +1,172 @@
+//! Loading PyTorch `state_dict`s (safetensors) into our modules.
+//!
+//! Our modules keep the reference's structure, so a parameter's PyTorch name is its path of
+//! field names, except where the reference used an `nn.Sequential` (positional names) —
+//! [`torch_field`] lists those renames — and linear weights, which PyTorch stores
+//! `[out, in]` and burn `[in, out]`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::error::Error;
+use crate::golden::CaseTensor;
+
+/// Tensors by PyTorch parameter name, values in f64.
+#[derive(Clone, Debug, Default)]
+pub struct StateDict {
+    /// Every tensor by name.
+    pub tensors: BTreeMap<String, CaseTensor>,
+    /// Where it came from, for error messages.
+    pub source: String,
+}
+
+impl StateDict {
+    /// Reads a safetensors file of a PyTorch `state_dict` (f32, f64, f16 or bf16 tensors).
+    pub fn load(path: &Path) -> crate::Result<StateDict> {
+        let source = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: source.clone(),
+            message: e.to_string(),
+        })?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+            path: source.clone(),
+            message: format!("not a safetensors file: {e}"),
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in file.tensors() {
+            let values =
+                crate::golden::decode(&name, view.dtype(), view.data()).map_err(|message| {
+                    Error::Format {
+                        path: source.clone(),
+                        message,
+                    }
+                })?;
+            let shape = view.shape().to_vec();
+            tensors.insert(name, CaseTensor { shape, values });
+        }
+        Ok(StateDict { tensors, source })
+    }
+
+    /// The `param.*` tensors of a golden case, under their PyTorch names.
+    pub fn from_case(case: &crate::golden::Case) -> StateDict {
+        let tensors = case
+            .tensors
+            .iter()
+            .filter_map(|(key, tensor)| {
+                key.strip_prefix("param.")
+                    .map(|name| (name.to_string(), tensor.clone()))
+            })
+            .collect();
+        StateDict {
+            tensors,
+            source: case.path.display().to_string(),
+        }
+    }
+
+    /// Loads every parameter of `module` from this state dict.
+    ///
+    /// The error lists every missing, unexpected and mis-shaped tensor at once.
+    pub fn load_into<B: Backend, M: Module<B>>(&self, module: M) -> crate::Result<M> {
+        let mut loader = Loader {
+            state: self,
+            path: Vec::new(),
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+        };
+        let module = module.map(&mut loader);
+        let mut problems = loader.problems;
+        for name in self.tensors.keys() {
+            if !loader.used.contains(name) && !is_buffer(name) {
+                problems.push(format!("unexpected tensor `{name}`"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(module)
+        } else {
+            Err(Error::Format {
+                path: self.source.clone(),
+                message: format!("cannot load the weights: {}", problems.join("; ")),
+            })
+        }
+    }
+}
+
+/// Non-parameter buffers the reference saves in its `state_dict` and we compute.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("inv_freq")
+}
+
+/// The PyTorch name of field `field` of a module of burn container type `container`
+/// (`Struct:Name`). Only fields of modules the reference builds as `nn.Sequential` differ.
+pub fn torch_field<'a>(container: &str, field: &'a str) -> &'a str {
+    match (container, field) {
+        ("Struct:FeedForward", "norm") => "0",
+        ("Struct:FeedForward", "proj_in") => "1",
+        ("Struct:FeedForward", "proj_out") => "3",
+        _ => field,
+    }
+}
+
+/// The PyTorch name of the parameter at `path` (field name, container type of each level),
+/// and whether its layout is transposed relative to ours (linear weights).
+pub fn torch_name(path: &[(String, String)]) -> (String, bool) {
+    let name = path
+        .iter()
+        .map(|(field, container)| torch_field(container, field))
+        .collect::<Vec<_>>()
+        .join(".");
+    let transposed = path
+        .last()
+        .is_some_and(|(field, container)| container == "Struct:Linear" && field == "weight");
+    (name, transposed)
+}
+
+struct Loader<'a> {
+    state: &'a StateDict,
+    path: Vec<(String, String)>,
+    used: BTreeSet<String>,
+    problems: Vec<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (name, transposed) = torch_name(&self.path);
+        let Some(stored) = self.state.tensors.get(&name) else {
+            self.problems.push(format!("missing tensor `{name}`"));
+            return param;
+        };
+        self.used.insert(name.clone());
+        let ours = param.dims();
+        let mut expected: Vec<usize> = ours.to_vec();
+        if transposed {
+            expected.reverse();
+        }
+        if stored.shape != expected {
+            self.problems.push(format!(
+                "`{name}` has shape {:?}, expected {expected:?}",
+                stored.shape
+            ));
+            return param;
+        }
+        let (id, tensor, _) = param.consume();
+        let data = TensorData::new(stored.values.clone(), stored.shape.clone())
+            .convert::<burn::tensor::ops::FloatElem<B>>();
+        let mut value = Tensor::<B, D>::from_data(data, &tensor.device());
+        if transposed {
+            value = value.transpose();
+        }
+        Param::initialized(id, value.require_grad())
+    }
+}

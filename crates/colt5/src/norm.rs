@@ -1,0 +1,44 @@
+//! RMSNorm as CoLT5 defines it.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Configuration of [`RmsNorm`].
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    /// Size of the normalised (last) axis.
+    pub dim: usize,
+}
+
+/// `y = x / max(‖x‖₂, 1e-12) · √dim · γ` over the last axis.
+///
+/// The epsilon bounds the L2 norm, not the mean square inside a root as in the usual
+/// RMSNorm: the two differ only for inputs of norm below 1e-12, and this is the reference's.
+/// PyTorch parameter: `gamma: [dim]` (initialised to ones).
+///
+/// Shapes: `[..., dim] → [..., dim]`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-feature gain γ.
+    pub gamma: Param<Tensor<B, 1>>,
+}
+
+impl RmsNormConfig {
+    /// A norm with γ = 1.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        RmsNorm {
+            gamma: Param::from_tensor(Tensor::ones([self.dim], device)),
+        }
+    }
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Normalises `x` over its last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let [dim] = self.gamma.dims();
+        let norm = x.clone().square().sum_dim(D - 1).sqrt().clamp_min(1e-12);
+        let gamma = self.gamma.val().mul_scalar((dim as f64).sqrt());
+        x / norm * gamma.unsqueeze()
+    }
+}
