@@ -19,5 +19,6 @@ pub mod golden;
 pub mod import;
 pub mod norm;
 pub mod parity;
+pub mod router;
 
 pub use error::{Error, Result};

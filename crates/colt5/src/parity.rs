@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{backend::AutodiffBackend, Bool, Tensor, TensorData};
+use burn::tensor::{backend::AutodiffBackend, Bool, Int, Tensor, TensorData};
 
 use crate::attend::AttendConfig;
 use crate::attention::SelfAttentionConfig;
@@ -19,6 +19,7 @@ use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_name, StateDict};
 use crate::norm::RmsNormConfig;
+use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
 
 /// The floating-point precision a case is run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +87,7 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
             layer_case::<B>(case, precision).map(Outcome::Compared)
         }
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
+        "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -242,6 +244,163 @@ fn attend_case<B: AutodiffBackend>(
         ));
     }
     Ok(comparisons)
+}
+
+fn config_bool(case: &Case, name: &str, default: bool) -> bool {
+    case.config
+        .get(name)
+        .and_then(|v| v.as_bool())
+        .unwrap_or(default)
+}
+
+fn router_config(case: &Case) -> crate::Result<CoordinateDescentRouterConfig> {
+    let mut config = CoordinateDescentRouterConfig::new(config_usize(case, "dim", 0)?)
+        .with_straight_through(config_bool(case, "straight_through", true))
+        .with_cosine_sim_routing(config_bool(case, "cosine_sim_routing", false))
+        .with_num_routing_tokens(config_usize(case, "num_routing_tokens", 1)?)
+        .with_n_iters(config_usize(case, "n_iters", 20)?);
+    if let Some(eps) = case.config_f64("eps")? {
+        config = config.with_eps(eps);
+    }
+    if case.config.get("eps_init").is_some() {
+        config = config.with_eps_init(case.config_f64("eps_init")?);
+    }
+    if let Some(decay) = case.config_f64("eps_decay")? {
+        config = config.with_eps_decay(decay);
+    }
+    if let Some(ratio) = case.config_f64("fetch_k_ratio")? {
+        config = config.with_fetch_k_ratio(ratio);
+    }
+    if let Some(scale) = case.config_f64("cosine_sim_scale")? {
+        config = config.with_cosine_sim_scale(scale);
+    }
+    Ok(config)
+}
+
+/// The router: index sets per row, then scores, routed tokens and mask aligned to the
+/// reference's order of indices (ties at score 1 come in arbitrary order), and gradients.
+fn router_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let config = router_config(case)?;
+    let eps = config.eps;
+    let router = StateDict::from_case(case).load_into(config.init::<B>(&device)?)?;
+    let num_tokens = case
+        .call
+        .get("num_tokens")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
+    let options = RouteOptions {
+        mask: case.optional("in.mask").map(|m| mask::<B, 2>(m, &device)),
+        ..Default::default()
+    };
+    let routed = router.forward(x.clone(), num_tokens, options)?;
+    let [batch, routes, count, dim] = routed.routed_tokens.dims();
+    let (out_tol, grad_tol) = tolerances(precision, Some(eps), true);
+    let mut comparisons = Vec::new();
+    let (mut scores, mut tokens, mut routed_mask) =
+        (routed.scores, routed.routed_tokens, routed.routed_mask);
+    if let (Some(ours), Some(reference)) = (&routed.indices, case.optional("out.indices")) {
+        let ours: Vec<i64> = ours.to_data().convert::<i64>().to_vec().unwrap_or_default();
+        let (order, mismatches) = alignment(&ours, &reference.values, count);
+        comparisons.push(Comparison {
+            name: "out.indices".into(),
+            max_abs: mismatches as f64,
+            relative: if mismatches == 0 { 0.0 } else { f64::INFINITY },
+            tolerance: 0.0,
+        });
+        let order =
+            Tensor::<B, 3, Int>::from_data(TensorData::new(order, [batch, routes, count]), &device);
+        scores = scores.gather(2, order.clone());
+        routed_mask = routed_mask.map(|m| m.int().gather(2, order.clone()).equal_elem(1));
+        let order = order
+            .unsqueeze_dim::<4>(3)
+            .expand([batch, routes, count, dim]);
+        tokens = tokens.gather(2, order);
+    }
+    // The reference has no route axis for a single route; ours always has one.
+    let shaped = |t: TensorData, key: &str| -> crate::Result<TensorData> {
+        let reference = case.tensor(key)?;
+        if t.num_elements() != reference.values.len() {
+            return Ok(t);
+        }
+        let values = t.convert::<f64>().to_vec::<f64>().unwrap_or_default();
+        Ok(TensorData::new(values, reference.shape.clone()))
+    };
+    let mut loss = (tokens.clone()
+        * float::<B, 4>(
+            &with_route_axis(case.tensor("cot.routed_tokens")?, routes),
+            &device,
+        ))
+    .sum();
+    if let Some(cot) = case.optional("cot.scores") {
+        loss =
+            loss + (scores.clone() * float::<B, 3>(&with_route_axis(cot, routes), &device)).sum();
+    }
+    comparisons.push(compare(
+        "out.scores",
+        shaped(scores.into_data(), "out.scores")?,
+        case.tensor("out.scores")?,
+        out_tol,
+    ));
+    comparisons.push(compare(
+        "out.routed_tokens",
+        shaped(tokens.into_data(), "out.routed_tokens")?,
+        case.tensor("out.routed_tokens")?,
+        out_tol,
+    ));
+    if let (Some(ours), Some(reference)) = (routed_mask, case.optional("out.routed_mask")) {
+        let ours = shaped(ours.float().into_data(), "out.routed_mask")?;
+        comparisons.push(compare("out.routed_mask", ours, reference, 0.0));
+    }
+    let grads = loss.backward();
+    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
+    comparisons.push(compare(
+        "grad.in.x",
+        grad_x,
+        case.tensor("grad.in.x")?,
+        grad_tol,
+    ));
+    let mut collector = GradientCollector::<B> {
+        grads: &grads,
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    router.visit(&mut collector);
+    comparisons.extend(compare_params(case, collector.found, grad_tol)?);
+    Ok(comparisons)
+}
+
+/// `tensor` with a route axis of `routes` after the batch axis, if it lacks one.
+fn with_route_axis(tensor: &CaseTensor, routes: usize) -> CaseTensor {
+    let mut tensor = tensor.clone();
+    if routes == 1 {
+        tensor.shape.insert(1, 1);
+    }
+    tensor
+}
+
+/// For rows of `count` indices: the position in our row of each reference index (so that
+/// gathering ours by it yields the reference's order), and how many reference indices our
+/// row lacks.
+fn alignment(ours: &[i64], reference: &[f64], count: usize) -> (Vec<i64>, usize) {
+    let mut order = Vec::with_capacity(ours.len());
+    let mut mismatches = 0;
+    for (row, expected) in ours.chunks(count).zip(reference.chunks(count)) {
+        for &index in expected {
+            match row.iter().position(|&i| i as f64 == index) {
+                Some(position) => order.push(position as i64),
+                None => {
+                    mismatches += 1;
+                    order.push(0);
+                }
+            }
+        }
+    }
+    (order, mismatches)
 }
 
 /// An attention input as the case stores it: per head, or shared by all heads.

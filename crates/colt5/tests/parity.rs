@@ -17,7 +17,6 @@ const NOT_YET_IMPLEMENTED: &[&str] = &[
     "ConditionalRoutedTransformerBlock",
     "ConditionalRoutedFeedForward",
     "ConditionalRoutedImageAttention",
-    "CoordinateDescentRouter",
     "topk",
     "ConditionalRoutedViT",
 ];
