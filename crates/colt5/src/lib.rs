@@ -19,6 +19,7 @@ pub mod golden;
 pub mod import;
 pub mod norm;
 pub mod parity;
+pub mod routed;
 pub mod router;
 
 pub use error::{Error, Result};

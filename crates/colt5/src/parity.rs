@@ -19,6 +19,7 @@ use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_name, StateDict};
 use crate::norm::RmsNormConfig;
+use crate::routed::ConditionalRoutedFeedForwardConfig;
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
 
 /// The floating-point precision a case is run in.
@@ -88,6 +89,7 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         }
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
+        "ConditionalRoutedFeedForward" => routed_case::<B>(case, precision).map(Outcome::Compared),
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -371,6 +373,48 @@ fn router_case<B: AutodiffBackend + CoorDescentBackend>(
     };
     router.visit(&mut collector);
     comparisons.extend(compare_params(case, collector.found, grad_tol)?);
+    Ok(comparisons)
+}
+
+/// Routed layers: `x: [batch, n, dim]` and an optional mask in, `out` back.
+fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let router = router_config(case)?;
+    let eps = router.eps;
+    let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
+    let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
+    let state = StateDict::from_case(case);
+    let mut config = ConditionalRoutedFeedForwardConfig::new(
+        config_usize(case, "dim", 0)?,
+        config_usize(case, "num_heavy_tokens", 0)?,
+    )
+    .with_router(router.with_straight_through(config_bool(
+        case,
+        "router_straight_through",
+        true,
+    )));
+    if let Some(mult) = case.config_f64("light_ff_mult")? {
+        config = config.with_light_ff_mult(mult);
+    }
+    if let Some(mult) = case.config_f64("heavy_ff_mult")? {
+        config = config.with_heavy_ff_mult(mult);
+    }
+    let module = state.load_into(config.init::<B>(&device)?)?;
+    let output = module.forward(x.clone(), mask, None)?;
+    let (output, grads, params) = run_module(&module, output, case)?;
+    let (out_tol, grad_tol) = tolerances(precision, Some(eps), true);
+    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
+    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
+    comparisons.push(compare(
+        "grad.in.x",
+        grad_x,
+        case.tensor("grad.in.x")?,
+        grad_tol,
+    ));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
     Ok(comparisons)
 }
 

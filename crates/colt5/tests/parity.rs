@@ -15,7 +15,6 @@ const NOT_YET_IMPLEMENTED: &[&str] = &[
     "ConditionalRoutedAutoregressiveAttention",
     "ConditionalRoutedAttention",
     "ConditionalRoutedTransformerBlock",
-    "ConditionalRoutedFeedForward",
     "ConditionalRoutedImageAttention",
     "topk",
     "ConditionalRoutedViT",
