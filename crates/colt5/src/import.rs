@@ -100,12 +100,15 @@ fn is_buffer(name: &str) -> bool {
 }
 
 /// The PyTorch name of field `field` of a module of burn container type `container`
-/// (`Struct:Name`). Only fields of modules the reference builds as `nn.Sequential` differ.
+/// (`Struct:Name`): positional names where the reference builds an `nn.Sequential`, and
+/// PyTorch's names for burn's LayerNorm parameters.
 pub fn torch_field<'a>(container: &str, field: &'a str) -> &'a str {
     match (container, field) {
         ("Struct:FeedForward", "norm") => "0",
         ("Struct:FeedForward", "proj_in") => "1",
         ("Struct:FeedForward", "proj_out") => "3",
+        ("Struct:LayerNorm", "gamma") => "weight",
+        ("Struct:LayerNorm", "beta") => "bias",
         _ => field,
     }
 }

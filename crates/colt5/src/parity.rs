@@ -18,6 +18,7 @@ use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, R
 use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_name, StateDict};
+use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
 use crate::routed::ConditionalRoutedFeedForwardConfig;
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
@@ -89,6 +90,7 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         }
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
+        "LocalMHA" => local_mha_case::<B>(case, precision).map(Outcome::Compared),
         "ConditionalRoutedFeedForward" => routed_case::<B>(case, precision).map(Outcome::Compared),
         _ => Ok(Outcome::Unsupported),
     }
@@ -406,6 +408,49 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
     let output = module.forward(x.clone(), mask, None)?;
     let (output, grads, params) = run_module(&module, output, case)?;
     let (out_tol, grad_tol) = tolerances(precision, Some(eps), true);
+    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
+    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
+    comparisons.push(compare(
+        "grad.in.x",
+        grad_x,
+        case.tensor("grad.in.x")?,
+        grad_tol,
+    ));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
+    Ok(comparisons)
+}
+
+fn local_mha_case<B: AutodiffBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    if config_bool(case, "use_rotary_pos_emb", true) {
+        return Err(crate::Error::Format {
+            path: case.path.display().to_string(),
+            message: "LocalMHA with rotary embeddings is not supported (CoLT5 turns them off)"
+                .into(),
+        });
+    }
+    let device = Default::default();
+    let mut config = LocalMhaConfig::new(
+        config_usize(case, "dim", 0)?,
+        config_usize(case, "window_size", 0)?,
+    )
+    .with_dim_head(config_usize(case, "dim_head", 64)?)
+    .with_heads(config_usize(case, "heads", 8)?)
+    .with_causal(config_bool(case, "causal", false))
+    .with_prenorm(config_bool(case, "prenorm", false))
+    .with_exact_windowsize(config_bool(case, "exact_windowsize", true))
+    .with_look_backward(config_usize(case, "look_backward", 1)?);
+    if let Some(look_forward) = case.config_f64("look_forward")? {
+        config = config.with_look_forward(Some(look_forward as usize));
+    }
+    let module = StateDict::from_case(case).load_into(config.init::<B>(&device)?)?;
+    let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
+    let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
+    let output = module.forward(x.clone(), mask)?;
+    let (output, grads, params) = run_module(&module, output, case)?;
+    let (out_tol, grad_tol) = tolerances(precision, None, true);
     let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
     let grad_x = x.grad(&grads).expect("x requires grad").into_data();
     comparisons.push(compare(

@@ -181,17 +181,6 @@ impl CoorDescentConfig {
         }
         Ok(())
     }
-
-    fn schedule(&self) -> Option<Schedule> {
-        match self.solver {
-            Solver::Iterations {
-                n_iters,
-                eps_init,
-                eps_decay,
-            } => Some(Schedule::new(n_iters, self.eps, eps_init, eps_decay)),
-            Solver::Converged { .. } => None,
-        }
-    }
 }
 
 /// The target count k: one value for every row, or one per row.
@@ -265,26 +254,20 @@ pub trait CoorDescentBackend: Backend {
         let scores = float::<Self>(scores);
         let k = float::<Self>(k);
         let mask = mask.map(Tensor::<Self, 2, Bool>::from_primitive);
-        let (output, thresholds, passes) = match (&config.solver, config.schedule()) {
-            (_, Some(schedule)) => {
+        let (output, thresholds, passes) = match config.solver {
+            Solver::Iterations {
+                n_iters,
+                eps_init,
+                eps_decay,
+            } => {
+                let schedule = Schedule::new(n_iters, config.eps, eps_init, eps_decay);
                 let (y, a) = iterative::forward(scores, k, mask.as_ref(), &schedule);
-                (y, a, schedule.iterations.len())
+                (y, a, n_iters)
             }
-            (
-                Solver::Converged {
-                    tolerance,
-                    max_passes,
-                },
-                None,
-            ) => converged::forward(
-                scores,
-                k,
-                mask.as_ref(),
-                config.eps,
-                *tolerance,
-                *max_passes,
-            ),
-            (Solver::Iterations { .. }, None) => unreachable!("iterations always have a schedule"),
+            Solver::Converged {
+                tolerance,
+                max_passes,
+            } => converged::forward(scores, k, mask.as_ref(), config.eps, tolerance, max_passes),
         };
         (
             primitive(output),
@@ -307,16 +290,19 @@ pub trait CoorDescentBackend: Backend {
         let mask = mask.map(Tensor::<Self, 2, Bool>::from_primitive);
         let thresholds = float::<Self>(thresholds);
         let grad = float::<Self>(grad);
-        let (d_scores, d_k) = match config.schedule() {
-            Some(schedule) => iterative::backward(
-                scores,
-                float::<Self>(k),
-                mask.as_ref(),
-                thresholds,
-                grad,
-                &schedule,
-            ),
-            None => converged::backward(scores, mask.as_ref(), thresholds, grad, config.eps),
+        let (d_scores, d_k) = match config.solver {
+            Solver::Iterations {
+                n_iters,
+                eps_init,
+                eps_decay,
+            } => {
+                let schedule = Schedule::new(n_iters, config.eps, eps_init, eps_decay);
+                let k = float::<Self>(k);
+                iterative::backward(scores, k, mask.as_ref(), thresholds, grad, &schedule)
+            }
+            Solver::Converged { .. } => {
+                converged::backward(scores, mask.as_ref(), thresholds, grad, config.eps)
+            }
         };
         (primitive(d_scores), primitive(d_k))
     }
@@ -403,7 +389,9 @@ pub fn coor_descent_with_stats<B: CoorDescentBackend, const D: usize>(
         .transpose()?;
     let k = match k.into() {
         RowK::Scalar(k) => {
-            check_k(&[k], n, config.validate)?;
+            if config.validate {
+                check_k(&[k], n)?;
+            }
             Tensor::<B, 2>::full([rows, 1], k, &device)
         }
         RowK::PerRow(k) => {
@@ -421,7 +409,7 @@ pub fn coor_descent_with_stats<B: CoorDescentBackend, const D: usize>(
                     .convert::<f64>()
                     .to_vec::<f64>()
                     .unwrap_or_default();
-                check_k(&values, n, true)?;
+                check_k(&values, n)?;
             }
             k.reshape([rows, 1])
         }
@@ -453,10 +441,7 @@ pub fn coor_descent_with_stats<B: CoorDescentBackend, const D: usize>(
     Ok((output.reshape(dims), stats))
 }
 
-fn check_k(values: &[f64], n: usize, validate: bool) -> crate::Result<()> {
-    if !validate {
-        return Ok(());
-    }
+fn check_k(values: &[f64], n: usize) -> crate::Result<()> {
     for (row, &k) in values.iter().enumerate() {
         if !k.is_finite() || k <= 0.0 {
             return Err(Error::NonPositiveK { k, row });

@@ -1,0 +1,244 @@
+//! Windowed local multi-head attention (`LocalMHA` of lucidrains/local-attention), the light
+//! branch of CoLT5's routed attention.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorData};
+
+use crate::attention::{merge_heads, split_heads};
+use crate::error::Error;
+
+/// The logit of masked slots: finite, so that a query with no visible key averages over its
+/// whole look-around (as the reference does) instead of producing NaN.
+const MASKED_LOGIT: f64 = f32::MIN as f64;
+
+/// Configuration of [`LocalMha`]; defaults are `LocalMHA`'s.
+#[derive(Config, Debug)]
+pub struct LocalMhaConfig {
+    /// Model width.
+    pub dim: usize,
+    /// Window length W.
+    pub window_size: usize,
+    /// Width of each head. Default 64.
+    #[config(default = 64)]
+    pub dim_head: usize,
+    /// Number of heads. Default 8.
+    #[config(default = 8)]
+    pub heads: usize,
+    /// Causal masking. Default false.
+    #[config(default = false)]
+    pub causal: bool,
+    /// LayerNorm (eps 1e-5) before the projection. Default false.
+    #[config(default = false)]
+    pub prenorm: bool,
+    /// Restrict keys to the band `[i − W·look_backward, i + W·look_forward]` instead of
+    /// whole windows. Default true.
+    #[config(default = true)]
+    pub exact_windowsize: bool,
+    /// Windows looked back. Default 1.
+    #[config(default = 1)]
+    pub look_backward: usize,
+    /// Windows looked ahead; `None` means 0 when causal, else 1. Default `None`.
+    #[config(default = "None")]
+    pub look_forward: Option<usize>,
+}
+
+/// Local attention: the sequence is zero-padded to a multiple of W and cut into windows;
+/// each query attends to the keys of its window and `look_backward`/`look_forward`
+/// neighbouring windows.
+///
+/// Reproduces the reference's behaviour where it matters for parity: without a mask the
+/// zero-padded tail is attendable (non-causal), and a query that sees no key averages its
+/// whole look-around, where slots beyond the sequence hold −1 vectors.
+///
+/// PyTorch parameters: `norm.weight`, `norm.bias` (with `prenorm`), `to_qkv.weight
+/// [3·heads·dim_head, dim]`, `to_out.weight [dim, heads·dim_head]`.
+///
+/// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`.
+#[derive(Module, Debug)]
+pub struct LocalMha<B: Backend> {
+    /// Optional pre-normalisation.
+    pub norm: Option<LayerNorm<B>>,
+    /// Joint query/key/value projection.
+    pub to_qkv: Linear<B>,
+    /// Output projection.
+    pub to_out: Linear<B>,
+    heads: usize,
+    window: usize,
+    causal: bool,
+    exact: bool,
+    look_backward: usize,
+    look_forward: usize,
+}
+
+impl LocalMhaConfig {
+    /// A layer with PyTorch's default initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<LocalMha<B>> {
+        if self.window_size == 0 {
+            return Err(Error::config("window_size", 0, "at least 1"));
+        }
+        let look_forward = self.look_forward.unwrap_or(usize::from(!self.causal));
+        if self.causal && look_forward > 0 {
+            return Err(Error::config(
+                "look_forward",
+                look_forward,
+                "0 with causal attention",
+            ));
+        }
+        let inner = self.heads * self.dim_head;
+        Ok(LocalMha {
+            norm: self
+                .prenorm
+                .then(|| LayerNormConfig::new(self.dim).init(device)),
+            to_qkv: LinearConfig::new(self.dim, 3 * inner)
+                .with_bias(false)
+                .init(device),
+            to_out: LinearConfig::new(inner, self.dim)
+                .with_bias(false)
+                .init(device),
+            heads: self.heads,
+            window: self.window_size,
+            causal: self.causal,
+            exact: self.exact_windowsize,
+            look_backward: self.look_backward,
+            look_forward,
+        })
+    }
+}
+
+impl<B: Backend> LocalMha<B> {
+    /// Attends each position to its neighbourhood; `mask` marks real tokens (keys only).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Bool>>,
+    ) -> crate::Result<Tensor<B, 3>> {
+        let [batch, n, dim] = x.dims();
+        let expected = self.to_qkv.weight.dims()[0];
+        if dim != expected || n == 0 {
+            return Err(Error::Shape {
+                name: "x",
+                actual: vec![batch, n, dim],
+                expected: format!("[batch, n ≥ 1, {expected}]"),
+            });
+        }
+        if let Some(mask) = &mask {
+            if mask.dims() != [batch, n] {
+                return Err(Error::Shape {
+                    name: "mask",
+                    actual: mask.dims().to_vec(),
+                    expected: format!("[{batch}, {n}]"),
+                });
+            }
+        }
+        let device = x.device();
+        let x = match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        };
+        let [q, k, v] = split_heads::<B, 3>(self.to_qkv.forward(x), self.heads);
+        let dim_head = q.dims()[3];
+        let (w, lb, lf) = (self.window, self.look_backward, self.look_forward);
+        let windows = n.div_ceil(w);
+        let padded = windows * w;
+        let slots = (lb + lf + 1) * w;
+        let pad = |t: Tensor<B, 4>| {
+            if padded == n {
+                t
+            } else {
+                let zeros = Tensor::zeros([batch, self.heads, padded - n, dim_head], &device);
+                Tensor::cat(vec![t, zeros], 2)
+            }
+        };
+        let to_windows =
+            |t: Tensor<B, 4>| pad(t).reshape([batch, self.heads, windows, w, dim_head]);
+        let q = to_windows(q).mul_scalar((dim_head as f64).powf(-0.5));
+        let k = self.look_around(to_windows(k));
+        let v = self.look_around(to_windows(v));
+
+        let mut visible = Tensor::<B, 3, Bool>::from_data(
+            TensorData::new(self.band(windows), [windows, w, slots]),
+            &device,
+        )
+        .unsqueeze::<5>()
+        .expand([batch, self.heads, windows, w, slots]);
+        if let Some(mask) = mask {
+            let mask = if padded == n {
+                mask
+            } else {
+                let tail = Tensor::<B, 2, Bool>::from_data(
+                    TensorData::new(vec![false; batch * (padded - n)], [batch, padded - n]),
+                    &device,
+                );
+                Tensor::cat(vec![mask, tail], 1)
+            };
+            // Look around the mask like the keys (slots beyond the sequence are masked by the band).
+            let mask = self
+                .look_around(mask.float().reshape([batch, 1, windows, w, 1]))
+                .reshape([batch, 1, windows, 1, slots])
+                .greater_elem(0.5);
+            visible = visible.bool_and(mask.expand([batch, self.heads, windows, w, slots]));
+        }
+        let logits = q
+            .matmul(k.swap_dims(3, 4))
+            .mask_fill(visible.bool_not(), MASKED_LOGIT);
+        let out = softmax(logits, 4).matmul(v);
+        let out = out
+            .reshape([batch, self.heads, padded, dim_head])
+            .narrow(2, 0, n);
+        Ok(self.to_out.forward(merge_heads(out)))
+    }
+
+    /// `[.., windows, W, d]` → `[.., windows, (lb + lf + 1)·W, d]`: each window followed by its
+    /// neighbours' rows, −1 where a neighbour lies outside the sequence.
+    fn look_around(&self, t: Tensor<B, 5>) -> Tensor<B, 5> {
+        let [b, h, windows, w, d] = t.dims();
+        let (lb, lf) = (self.look_backward, self.look_forward);
+        let device = t.device();
+        let outside = |count| Tensor::full([b, h, count, w, d], -1.0, &device);
+        let mut parts = Vec::new();
+        if lb > 0 {
+            parts.push(outside(lb));
+        }
+        parts.push(t);
+        if lf > 0 {
+            parts.push(outside(lf));
+        }
+        let extended = Tensor::cat(parts, 2);
+        let neighbours = (0..=lb + lf)
+            .map(|c| extended.clone().narrow(2, c, windows))
+            .collect();
+        Tensor::cat(neighbours, 3)
+    }
+
+    /// Which look-around slot each query may see, `[windows, W, slots]`: the slot must lie
+    /// inside the sequence and, per the options, before the query (causal) and inside the
+    /// exact band.
+    fn band(&self, windows: usize) -> Vec<bool> {
+        let (w, lb, lf) = (
+            self.window as i64,
+            self.look_backward as i64,
+            self.look_forward as i64,
+        );
+        let slots = (lb + lf + 1) * w;
+        let mut visible = Vec::with_capacity((windows as i64 * w * slots) as usize);
+        for window in 0..windows as i64 {
+            for r in 0..w {
+                let i = window * w + r;
+                for s in 0..slots {
+                    let key_window = window - lb + s / w;
+                    let p = (window - lb) * w + s;
+                    let mut ok = (0..windows as i64).contains(&key_window);
+                    if self.causal {
+                        ok &= p <= i && !(self.exact && i > p + w * lb);
+                    } else if self.exact {
+                        ok &= p <= i + w * lf && p >= i - w * lb;
+                    }
+                    visible.push(ok);
+                }
+            }
+        }
+        visible
+    }
+}
