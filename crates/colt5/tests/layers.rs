@@ -150,8 +150,10 @@ fn import_names_every_missing_unexpected_and_misshaped_tensor() {
     let module = FeedForwardConfig::new(8)
         .with_mult(2.0)
         .init::<B>(&Default::default());
-    let mut state = StateDict::default();
-    state.source = "weights.safetensors".into();
+    let mut state = StateDict {
+        source: "weights.safetensors".into(),
+        ..Default::default()
+    };
     state.tensors.insert("0.gamma".into(), tensor(&[8]));
     state.tensors.insert("1.weight".into(), tensor(&[8, 16])); // transposed by mistake
     state.tensors.insert("1.bias".into(), tensor(&[16]));
