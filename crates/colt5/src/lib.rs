@@ -20,6 +20,7 @@ pub mod import;
 pub mod local_attention;
 pub mod norm;
 pub mod parity;
+pub mod rotary;
 pub mod routed;
 pub mod router;
 

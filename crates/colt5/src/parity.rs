@@ -20,7 +20,7 @@ use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_name, StateDict};
 use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
-use crate::routed::ConditionalRoutedFeedForwardConfig;
+use crate::routed::{ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig};
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
 
 /// The floating-point precision a case is run in.
@@ -91,7 +91,9 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
         "LocalMHA" => local_mha_case::<B>(case, precision).map(Outcome::Compared),
-        "ConditionalRoutedFeedForward" => routed_case::<B>(case, precision).map(Outcome::Compared),
+        "ConditionalRoutedFeedForward" | "ConditionalRoutedAttention" => {
+            routed_case::<B>(case, precision).map(Outcome::Compared)
+        }
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -389,25 +391,51 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
     let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
     let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
     let state = StateDict::from_case(case);
-    let mut config = ConditionalRoutedFeedForwardConfig::new(
-        config_usize(case, "dim", 0)?,
-        config_usize(case, "num_heavy_tokens", 0)?,
-    )
-    .with_router(router.with_straight_through(config_bool(
-        case,
-        "router_straight_through",
-        true,
-    )));
-    if let Some(mult) = case.config_f64("light_ff_mult")? {
-        config = config.with_light_ff_mult(mult);
-    }
-    if let Some(mult) = case.config_f64("heavy_ff_mult")? {
-        config = config.with_heavy_ff_mult(mult);
-    }
-    let module = state.load_into(config.init::<B>(&device)?)?;
-    let output = module.forward(x.clone(), mask, None)?;
-    let (output, grads, params) = run_module(&module, output, case)?;
-    let (out_tol, grad_tol) = tolerances(precision, Some(eps), true);
+    let router = router.with_straight_through(config_bool(case, "router_straight_through", true));
+    let dim = config_usize(case, "dim", 0)?;
+    let rotary = config_bool(case, "rotary_emb", false);
+    let (output, grads, params) = if case.module == "ConditionalRoutedFeedForward" {
+        let mut config = ConditionalRoutedFeedForwardConfig::new(
+            dim,
+            config_usize(case, "num_heavy_tokens", 0)?,
+        )
+        .with_router(router);
+        if let Some(mult) = case.config_f64("light_ff_mult")? {
+            config = config.with_light_ff_mult(mult);
+        }
+        if let Some(mult) = case.config_f64("heavy_ff_mult")? {
+            config = config.with_heavy_ff_mult(mult);
+        }
+        let module = state.load_into(config.init::<B>(&device)?)?;
+        let output = module.forward(x.clone(), mask, None)?;
+        run_module(&module, output, case)?
+    } else {
+        let config = ConditionalRoutedAttentionConfig::new(
+            dim,
+            config_usize(case, "num_heavy_tokens_q", 0)?,
+            config_usize(case, "num_heavy_tokens_kv", 0)?,
+        )
+        .with_num_routed_kv(config_usize(case, "num_routed_kv", 1)?)
+        .with_light_dim_head(config_usize(case, "light_dim_head", 64)?)
+        .with_light_heads(config_usize(case, "light_heads", 8)?)
+        .with_light_window_size(config_usize(case, "light_window_size", 128)?)
+        .with_heavy_dim_head(config_usize(case, "heavy_dim_head", 64)?)
+        .with_heavy_heads(config_usize(case, "heavy_heads", 8)?)
+        .with_multiply_keys_by_score(config_bool(case, "multiply_keys_by_score", false))
+        .with_multiply_queries_by_score(config_bool(case, "multiply_queries_by_score", false))
+        .with_use_null_q_tokens(config_bool(case, "use_null_q_tokens", true))
+        .with_rotary_emb(rotary)
+        .with_router(router);
+        let module = state.load_into(config.init::<B>(&device)?)?;
+        let output = module.forward(x.clone(), mask)?;
+        run_module(&module, output, case)?
+    };
+    let (out_tol, grad_tol) = match (precision, rotary) {
+        // The reference computes rotary tables in f32 (ours are f64): in f64 the comparison is
+        // limited to f32 rounding of the angles.
+        (Precision::F64, true) => (1e-6, 1e-6),
+        _ => tolerances(precision, Some(eps), true),
+    };
     let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
     let grad_x = x.grad(&grads).expect("x requires grad").into_data();
     comparisons.push(compare(

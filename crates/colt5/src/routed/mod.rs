@@ -1,8 +1,10 @@
 //! CoLT5's conditional layers: a light branch for every token plus a heavy branch for the
 //! tokens a router selects, whose outputs are scattered back weighted by the router scores.
 
+mod attention;
 mod feed_forward;
 
+pub use attention::{ConditionalRoutedAttention, ConditionalRoutedAttentionConfig};
 pub use feed_forward::{ConditionalRoutedFeedForward, ConditionalRoutedFeedForwardConfig};
 
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor};

@@ -1,0 +1,193 @@
+//! The routed attention of CoLT5.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor};
+
+use super::route_back;
+use crate::attention::{Attention, AttentionConfig, AttentionInputs};
+use crate::coor_descent::CoorDescentBackend;
+use crate::local_attention::{LocalMha, LocalMhaConfig};
+use crate::rotary::RotaryEmbedding;
+use crate::router::{CoordinateDescentRouter, CoordinateDescentRouterConfig, RouteOptions};
+
+/// Configuration of [`ConditionalRoutedAttention`]; defaults are the reference's.
+#[derive(Config, Debug)]
+pub struct ConditionalRoutedAttentionConfig {
+    /// Model width.
+    pub dim: usize,
+    /// Queries routed to the heavy attention per sequence.
+    pub num_heavy_tokens_q: usize,
+    /// Keys/values routed to the heavy attention per sequence and route.
+    pub num_heavy_tokens_kv: usize,
+    /// Key/value routes; the heavy heads are split among them. Default 1.
+    #[config(default = 1)]
+    pub num_routed_kv: usize,
+    /// Head width of the light (local) attention. Default 64.
+    #[config(default = 64)]
+    pub light_dim_head: usize,
+    /// Heads of the light attention. Default 8.
+    #[config(default = 8)]
+    pub light_heads: usize,
+    /// The light attention sees `light_window_size / 2` tokens either side. Default 128.
+    #[config(default = 128)]
+    pub light_window_size: usize,
+    /// Head width of the heavy attention. Default 64.
+    #[config(default = 64)]
+    pub heavy_dim_head: usize,
+    /// Heads of the heavy attention. Default 8.
+    #[config(default = 8)]
+    pub heavy_heads: usize,
+    /// Scale heavy keys by their router scores. Default false.
+    #[config(default = false)]
+    pub multiply_keys_by_score: bool,
+    /// Scale heavy queries by their router scores. Default false.
+    #[config(default = false)]
+    pub multiply_queries_by_score: bool,
+    /// Unrouted queries get a learned vector instead of 0 as heavy output. Default true.
+    #[config(default = true)]
+    pub use_null_q_tokens: bool,
+    /// Rotary embeddings (absolute positions of the routed tokens) in the heavy attention.
+    /// Default false.
+    #[config(default = false)]
+    pub rotary_emb: bool,
+    /// The routers' options (their `dim` and route counts are set by this layer). Default:
+    /// the router's defaults.
+    #[config(default = "CoordinateDescentRouterConfig::new(0)")]
+    pub router: CoordinateDescentRouterConfig,
+}
+
+/// Local attention for every token plus full attention among routed tokens:
+/// `light(x) + scatter(heavy(routed queries → routed keys) · query score)`.
+///
+/// PyTorch parameters: `light_attn.*` ([`LocalMha`]), `null_q_token [dim]`,
+/// `q_router.routing_token [1, dim]`, `kv_router.routing_token [num_routed_kv, dim]`,
+/// `heavy_attn.*` ([`Attention`]); `rotary_emb.inv_freq` is accepted and recomputed.
+///
+/// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`.
+#[derive(Module, Debug)]
+pub struct ConditionalRoutedAttention<B: Backend> {
+    /// Local attention over every token.
+    pub light_attn: LocalMha<B>,
+    /// Heavy output of the queries that are not routed.
+    pub null_q_token: Option<Param<Tensor<B, 1>>>,
+    /// Selects the heavy queries.
+    pub q_router: CoordinateDescentRouter<B>,
+    /// Selects the heavy keys/values, per route.
+    pub kv_router: CoordinateDescentRouter<B>,
+    /// Attention among routed tokens.
+    pub heavy_attn: Attention<B>,
+    num_heavy_tokens_q: usize,
+    num_heavy_tokens_kv: usize,
+    multiply_queries_by_score: bool,
+    rotary_dim: Option<usize>,
+}
+
+impl ConditionalRoutedAttentionConfig {
+    /// A layer with PyTorch's default initialisation.
+    pub fn init<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> crate::Result<ConditionalRoutedAttention<B>> {
+        let router = |routes| {
+            CoordinateDescentRouterConfig {
+                dim: self.dim,
+                num_routing_tokens: routes,
+                ..self.router.clone()
+            }
+            .init(device)
+        };
+        Ok(ConditionalRoutedAttention {
+            light_attn: LocalMhaConfig::new(self.dim, self.light_window_size / 2)
+                .with_dim_head(self.light_dim_head)
+                .with_heads(self.light_heads)
+                .with_prenorm(true)
+                .with_look_forward(Some(1))
+                .init(device)?,
+            null_q_token: self.use_null_q_tokens.then(|| {
+                Param::from_tensor(Tensor::random(
+                    [self.dim],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ))
+            }),
+            q_router: router(1)?,
+            kv_router: router(self.num_routed_kv)?,
+            heavy_attn: AttentionConfig::new(self.dim)
+                .with_dim_head(self.heavy_dim_head)
+                .with_heads(self.heavy_heads)
+                .with_multiply_keys_by_score(self.multiply_keys_by_score)
+                .init(device),
+            num_heavy_tokens_q: self.num_heavy_tokens_q,
+            num_heavy_tokens_kv: self.num_heavy_tokens_kv,
+            multiply_queries_by_score: self.multiply_queries_by_score,
+            rotary_dim: self.rotary_emb.then_some(self.heavy_dim_head),
+        })
+    }
+}
+
+impl<B: CoorDescentBackend> ConditionalRoutedAttention<B> {
+    /// Applies the layer; `mask` marks real tokens.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<Tensor<B, 2, Bool>>,
+    ) -> crate::Result<Tensor<B, 3>> {
+        let [batch, n, dim] = x.dims();
+        let device = x.device();
+        let light = self.light_attn.forward(x.clone(), mask.clone())?;
+        let route = |router: &CoordinateDescentRouter<B>, count| {
+            router.forward(
+                x.clone(),
+                count,
+                RouteOptions {
+                    mask: mask.clone(),
+                    ..Default::default()
+                },
+            )
+        };
+        let queries = route(&self.q_router, self.num_heavy_tokens_q)?;
+        let keys = route(&self.kv_router, self.num_heavy_tokens_kv)?;
+        let [_, _, q_count, _] = queries.routed_tokens.dims();
+        let [_, routes, kv_count, _] = keys.routed_tokens.dims();
+        let scores_q = queries.scores.reshape([batch, q_count]);
+
+        let rotary = self.rotary_dim.map(|dim_head| {
+            let table = RotaryEmbedding::new(dim_head).forward::<B>(n, &device);
+            // The rotation of each routed token's absolute position: [batch, routes, count, dim_head].
+            let at = |indices: &Option<Tensor<B, 3, Int>>, routes, count| {
+                table.clone().map(|t| match indices {
+                    Some(indices) => t
+                        .select(0, indices.clone().reshape([batch * routes * count]))
+                        .reshape([batch, routes, count, dim_head]),
+                    None => t.unsqueeze::<4>().expand([batch, routes, count, dim_head]),
+                })
+            };
+            let q_rotation = at(&queries.indices, 1, q_count);
+            let k_rotation = at(&keys.indices, routes, kv_count).map(|t| t.unsqueeze_dim::<5>(2));
+            (q_rotation, k_rotation)
+        });
+        let heavy = self.heavy_attn.forward(
+            queries.routed_tokens.reshape([batch, q_count, dim]),
+            AttentionInputs {
+                context: Some(keys.routed_tokens),
+                mask: keys.routed_mask,
+                scores_kv: Some(keys.scores),
+                scores_q: self.multiply_queries_by_score.then(|| scores_q.clone()),
+                rotary,
+            },
+        )?;
+        let heavy = heavy * scores_q.unsqueeze_dim(2);
+        let heavy = match queries.indices {
+            Some(indices) => {
+                let base = match &self.null_q_token {
+                    Some(token) => token.val().reshape([1, 1, dim]).expand([batch, n, dim]),
+                    None => Tensor::zeros([batch, n, dim], &device),
+                };
+                route_back(base, heavy, indices.reshape([batch, q_count]))
+            }
+            None => heavy,
+        };
+        Ok(light + heavy)
+    }
+}
