@@ -20,7 +20,10 @@ use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_name, StateDict};
 use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
-use crate::routed::{ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig};
+use crate::routed::{
+    ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
+    ConditionalRoutedTransformerBlockConfig,
+};
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
 
 /// The floating-point precision a case is run in.
@@ -91,7 +94,9 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
         "LocalMHA" => local_mha_case::<B>(case, precision).map(Outcome::Compared),
-        "ConditionalRoutedFeedForward" | "ConditionalRoutedAttention" => {
+        "ConditionalRoutedFeedForward"
+        | "ConditionalRoutedAttention"
+        | "ConditionalRoutedTransformerBlock" => {
             routed_case::<B>(case, precision).map(Outcome::Compared)
         }
         _ => Ok(Outcome::Unsupported),
@@ -394,41 +399,57 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
     let router = router.with_straight_through(config_bool(case, "router_straight_through", true));
     let dim = config_usize(case, "dim", 0)?;
     let rotary = config_bool(case, "rotary_emb", false);
-    let (output, grads, params) = if case.module == "ConditionalRoutedFeedForward" {
-        let mut config = ConditionalRoutedFeedForwardConfig::new(
-            dim,
-            config_usize(case, "num_heavy_tokens", 0)?,
-        )
-        .with_router(router);
+    let attention =
+        |num_q: &str, num_kv: &str| -> crate::Result<ConditionalRoutedAttentionConfig> {
+            Ok(ConditionalRoutedAttentionConfig::new(
+                dim,
+                config_usize(case, num_q, 0)?,
+                config_usize(case, num_kv, 0)?,
+            )
+            .with_num_routed_kv(config_usize(case, "num_routed_kv", 1)?)
+            .with_light_dim_head(config_usize(case, "light_dim_head", 64)?)
+            .with_light_heads(config_usize(case, "light_heads", 8)?)
+            .with_light_window_size(config_usize(case, "light_window_size", 128)?)
+            .with_heavy_dim_head(config_usize(case, "heavy_dim_head", 64)?)
+            .with_heavy_heads(config_usize(case, "heavy_heads", 8)?)
+            .with_multiply_keys_by_score(config_bool(case, "multiply_keys_by_score", false))
+            .with_multiply_queries_by_score(config_bool(case, "multiply_queries_by_score", false))
+            .with_use_null_q_tokens(config_bool(case, "use_null_q_tokens", true))
+            .with_rotary_emb(rotary)
+            .with_router(router.clone()))
+        };
+    let feed_forward = |num: &str| -> crate::Result<ConditionalRoutedFeedForwardConfig> {
+        let mut config = ConditionalRoutedFeedForwardConfig::new(dim, config_usize(case, num, 0)?)
+            .with_router(router.clone());
         if let Some(mult) = case.config_f64("light_ff_mult")? {
             config = config.with_light_ff_mult(mult);
         }
         if let Some(mult) = case.config_f64("heavy_ff_mult")? {
             config = config.with_heavy_ff_mult(mult);
         }
-        let module = state.load_into(config.init::<B>(&device)?)?;
-        let output = module.forward(x.clone(), mask, None)?;
-        run_module(&module, output, case)?
-    } else {
-        let config = ConditionalRoutedAttentionConfig::new(
-            dim,
-            config_usize(case, "num_heavy_tokens_q", 0)?,
-            config_usize(case, "num_heavy_tokens_kv", 0)?,
-        )
-        .with_num_routed_kv(config_usize(case, "num_routed_kv", 1)?)
-        .with_light_dim_head(config_usize(case, "light_dim_head", 64)?)
-        .with_light_heads(config_usize(case, "light_heads", 8)?)
-        .with_light_window_size(config_usize(case, "light_window_size", 128)?)
-        .with_heavy_dim_head(config_usize(case, "heavy_dim_head", 64)?)
-        .with_heavy_heads(config_usize(case, "heavy_heads", 8)?)
-        .with_multiply_keys_by_score(config_bool(case, "multiply_keys_by_score", false))
-        .with_multiply_queries_by_score(config_bool(case, "multiply_queries_by_score", false))
-        .with_use_null_q_tokens(config_bool(case, "use_null_q_tokens", true))
-        .with_rotary_emb(rotary)
-        .with_router(router);
-        let module = state.load_into(config.init::<B>(&device)?)?;
-        let output = module.forward(x.clone(), mask)?;
-        run_module(&module, output, case)?
+        Ok(config)
+    };
+    let (output, grads, params) = match case.module.as_str() {
+        "ConditionalRoutedFeedForward" => {
+            let module = state.load_into(feed_forward("num_heavy_tokens")?.init::<B>(&device)?)?;
+            let output = module.forward(x.clone(), mask, None)?;
+            run_module(&module, output, case)?
+        }
+        "ConditionalRoutedAttention" => {
+            let config = attention("num_heavy_tokens_q", "num_heavy_tokens_kv")?;
+            let module = state.load_into(config.init::<B>(&device)?)?;
+            let output = module.forward(x.clone(), mask)?;
+            run_module(&module, output, case)?
+        }
+        _ => {
+            let config = ConditionalRoutedTransformerBlockConfig::new(
+                attention("num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv")?,
+                feed_forward("num_heavy_ff_tokens")?,
+            );
+            let module = state.load_into(config.init::<B>(&device)?)?;
+            let output = module.forward(x.clone(), mask)?;
+            run_module(&module, output, case)?
+        }
     };
     let (out_tol, grad_tol) = match (precision, rotary) {
         // The reference computes rotary tables in f32 (ours are f64): in f64 the comparison is

@@ -12,7 +12,6 @@ use colt5::parity::{run_case, Outcome, Precision};
 const NOT_YET_IMPLEMENTED: &[&str] = &[
     "CoordinateDescentAttentionTransformer",
     "ConditionalRoutedAutoregressiveAttention",
-    "ConditionalRoutedTransformerBlock",
     "ConditionalRoutedImageAttention",
     "topk",
     "ConditionalRoutedViT",

@@ -2,9 +2,11 @@
 //! tokens a router selects, whose outputs are scattered back weighted by the router scores.
 
 mod attention;
+mod block;
 mod feed_forward;
 
 pub use attention::{ConditionalRoutedAttention, ConditionalRoutedAttentionConfig};
+pub use block::{ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerBlockConfig};
 pub use feed_forward::{ConditionalRoutedFeedForward, ConditionalRoutedFeedForwardConfig};
 
 use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor};
