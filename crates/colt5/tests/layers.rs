@@ -197,3 +197,43 @@ fn import_loads_linear_weights_in_pytorch_layout() {
         vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
     );
 }
+
+#[test]
+fn routed_feed_forward_routes_every_token_of_a_short_sequence() {
+    use colt5::routed::ConditionalRoutedFeedForwardConfig;
+    let device = Default::default();
+    let layer = ConditionalRoutedFeedForwardConfig::new(8, 16)
+        .init::<B>(&device)
+        .unwrap();
+    let x = Tensor::<B, 3>::random([2, 10, 8], Distribution::Normal(0.0, 1.0), &device);
+    let out = values(layer.forward(x.clone(), None, None).unwrap());
+    let expected = values(layer.light_ff.forward(x.clone()) + layer.heavy_ff.forward(x));
+    for (a, b) in out.iter().zip(&expected) {
+        assert!((a - b).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn routed_attention_keeps_unrouted_tokens_at_light_plus_null_token() {
+    use colt5::routed::ConditionalRoutedAttentionConfig;
+    let device = Default::default();
+    let layer = ConditionalRoutedAttentionConfig::new(8, 4, 4)
+        .with_light_dim_head(4)
+        .with_light_heads(2)
+        .with_light_window_size(4)
+        .with_heavy_dim_head(4)
+        .with_heavy_heads(2)
+        .init::<B>(&device)
+        .unwrap();
+    let x = Tensor::<B, 3>::random([1, 24, 8], Distribution::Normal(0.0, 1.0), &device);
+    let out = values(layer.forward(x.clone(), None).unwrap());
+    let light = values(layer.light_attn.forward(x, None).unwrap());
+    let null = values(layer.null_q_token.as_ref().unwrap().val());
+    let unchanged = (0..24)
+        .filter(|t| (0..8).all(|d| (out[t * 8 + d] - light[t * 8 + d] - null[d]).abs() < 1e-12))
+        .count();
+    assert_eq!(
+        unchanged, 20,
+        "exactly the 20 unrouted queries get light + null token"
+    );
+}
