@@ -1,4 +1,5 @@
-//! Loading PyTorch `state_dict`s (safetensors) into our modules.
+//! PyTorch `state_dict`s (safetensors): loading them into our modules, and saving our
+//! modules in the same format (checkpoints that the reference can load too).
 //!
 //! Our modules keep the reference's structure, so a parameter's PyTorch name is its path of
 //! field names, except where the reference used an `nn.Sequential` (positional names) —
@@ -8,7 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, Param};
+use std::io::Write;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::error::Error;
@@ -48,6 +51,75 @@ impl StateDict {
             tensors.insert(name, CaseTensor { shape, values });
         }
         Ok(StateDict { tensors, source })
+    }
+
+    /// Every parameter of `module` under its PyTorch name, in PyTorch's layout.
+    pub fn from_module<B: Backend, M: Module<B>>(module: &M) -> StateDict {
+        let mut collector = Collector {
+            path: Vec::new(),
+            tensors: BTreeMap::new(),
+        };
+        module.visit(&mut collector);
+        StateDict {
+            tensors: collector.tensors,
+            source: String::new(),
+        }
+    }
+
+    /// Writes the tensors as an f32 safetensors file, atomically: a temporary file beside
+    /// `path` is written and synced, then renamed over it, so a crash never leaves a partial
+    /// file at `path`.
+    pub fn save(&self, path: &Path) -> crate::Result<()> {
+        let io = |e: std::io::Error| Error::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                let data = t
+                    .values
+                    .iter()
+                    .flat_map(|&v| (v as f32).to_le_bytes())
+                    .collect();
+                (name.clone(), t.shape.clone(), data)
+            })
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, shape, data)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map(|view| (name.clone(), view))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Format {
+                path: path.display().to_string(),
+                message: format!("cannot serialise: {e}"),
+            })?;
+        let serialized =
+            safetensors::tensor::serialize(views, &None).map_err(|e| Error::Format {
+                path: path.display().to_string(),
+                message: format!("cannot serialise: {e}"),
+            })?;
+        let file_name = path
+            .file_name()
+            .map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+        let temporary = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+        let written = (|| {
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(&serialized)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written.map_err(io)
     }
 
     /// The `param.*` tensors of a golden case, under their PyTorch names.
@@ -171,5 +243,34 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             value = value.transpose();
         }
         Param::initialized(id, value.require_grad())
+    }
+}
+
+struct Collector {
+    path: Vec<(String, String)>,
+    tensors: BTreeMap<String, CaseTensor>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push((name.to_string(), container_type.to_string()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let (name, transposed) = torch_name(&self.path);
+        let value = param.val();
+        let value = if transposed { value.transpose() } else { value };
+        let shape = value.dims().to_vec();
+        let values = value
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .unwrap_or_default();
+        self.tensors.insert(name, CaseTensor { shape, values });
     }
 }

@@ -237,3 +237,41 @@ fn routed_attention_keeps_unrouted_tokens_at_light_plus_null_token() {
         "exactly the 20 unrouted queries get light + null token"
     );
 }
+
+#[test]
+fn checkpoints_round_trip_and_reject_corruption() {
+    use colt5::routed::ConditionalRoutedFeedForwardConfig;
+    let device = Default::default();
+    let config = ConditionalRoutedFeedForwardConfig::new(8, 4);
+    let trained = config.init::<B>(&device).unwrap();
+    let dir = std::env::temp_dir().join(format!("colt5-checkpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    StateDict::from_module(&trained).save(&path).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "no temporary file left behind"
+    );
+
+    let restored = StateDict::load(&path)
+        .unwrap()
+        .load_into(config.init::<B>(&device).unwrap())
+        .unwrap();
+    let x = Tensor::<B, 3>::random([1, 12, 8], Distribution::Normal(0.0, 1.0), &device);
+    let a = values(trained.forward(x.clone(), None, None).unwrap());
+    let b = values(restored.forward(x, None, None).unwrap());
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() < 1e-5, "f32 checkpoint: {a} vs {b}");
+    }
+
+    std::fs::write(&path, b"truncated").unwrap();
+    let error = StateDict::load(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("model.safetensors") && error.contains("not a safetensors file"),
+        "{error}"
+    );
+    let error = StateDict::load(&dir.join("missing.safetensors")).unwrap_err();
+    assert!(matches!(error, Error::Io { .. }), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
