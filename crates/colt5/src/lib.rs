@@ -23,5 +23,6 @@ pub mod parity;
 pub mod rotary;
 pub mod routed;
 pub mod router;
+pub mod topk;
 
 pub use error::{Error, Result};

@@ -25,6 +25,7 @@ use crate::routed::{
     ConditionalRoutedTransformerBlockConfig,
 };
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
+use crate::topk::{topk, TopkConfig};
 
 /// The floating-point precision a case is run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +94,7 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         }
         "Attend" => attend_case::<B>(case, precision).map(Outcome::Compared),
         "CoordinateDescentRouter" => router_case::<B>(case, precision).map(Outcome::Compared),
+        "topk" => topk_case::<B>(case, precision).map(Outcome::Compared),
         "LocalMHA" => local_mha_case::<B>(case, precision).map(Outcome::Compared),
         "ConditionalRoutedFeedForward"
         | "ConditionalRoutedAttention"
@@ -509,6 +511,75 @@ fn local_mha_case<B: AutodiffBackend>(
         grad_tol,
     ));
     comparisons.extend(compare_params(case, params, grad_tol)?);
+    Ok(comparisons)
+}
+
+/// The differentiable top-k: index sets per row, the other outputs aligned to the
+/// reference's order, and the input gradient.
+fn topk_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let mut config = TopkConfig::new()
+        .with_n_iters(config_usize(case, "n_iters", 20)?)
+        .with_eps(case.config_f64("eps")?.unwrap_or(0.1))
+        .with_eps_init(case.config_f64("eps_init")?)
+        .with_eps_decay(case.config_f64("eps_decay")?.unwrap_or(1.0));
+    if let Some(ratio) = case.config_f64("coor_descent_k_ratio")? {
+        config = config.with_coor_descent_k_ratio(ratio);
+    }
+    let x = float::<B, 2>(case.tensor("in.x")?, &device).require_grad();
+    let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
+    let k = config_usize(case, "k", 0)?;
+    let out = topk(x.clone(), k, mask, &config)?;
+    let [rows, _] = out.values.dims();
+    let ours: Vec<i64> = out
+        .indices
+        .to_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default();
+    let (order, mismatches) = alignment(&ours, &case.tensor("out.indices")?.values, k);
+    let order = Tensor::<B, 2, Int>::from_data(TensorData::new(order, [rows, k]), &device);
+    let align = |t: Tensor<B, 2>| t.gather(1, order.clone());
+    let values = align(out.values);
+    let (out_tol, grad_tol) = tolerances(precision, Some(config.eps), true);
+    let mut comparisons = vec![Comparison {
+        name: "out.indices".into(),
+        max_abs: mismatches as f64,
+        relative: if mismatches == 0 { 0.0 } else { f64::INFINITY },
+        tolerance: 0.0,
+    }];
+    let soft = [
+        ("out.coor_descent_values", out.coor_descent_values),
+        ("out.gates", out.gates),
+    ];
+    for (key, ours) in soft {
+        if let Some(ours) = ours {
+            comparisons.push(compare(
+                key,
+                align(ours).into_data(),
+                case.tensor(key)?,
+                out_tol,
+            ));
+        }
+    }
+    let cotangent = float::<B, 2>(case.tensor("cot.values")?, &device);
+    let grads = (values.clone() * cotangent).sum().backward();
+    comparisons.push(compare(
+        "out.values",
+        values.into_data(),
+        case.tensor("out.values")?,
+        out_tol,
+    ));
+    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
+    comparisons.push(compare(
+        "grad.in.x",
+        grad_x,
+        case.tensor("grad.in.x")?,
+        grad_tol,
+    ));
     Ok(comparisons)
 }
 

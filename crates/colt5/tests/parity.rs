@@ -13,7 +13,6 @@ const NOT_YET_IMPLEMENTED: &[&str] = &[
     "CoordinateDescentAttentionTransformer",
     "ConditionalRoutedAutoregressiveAttention",
     "ConditionalRoutedImageAttention",
-    "topk",
     "ConditionalRoutedViT",
 ];
 
