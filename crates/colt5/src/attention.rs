@@ -33,6 +33,17 @@ pub struct SelfAttentionConfig {
 /// `to_out.weight [dim, heads·dim_head]`.
 ///
 /// Shapes: `[batch, seq, dim] → [batch, seq, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::attention::SelfAttentionConfig;
+///
+/// let device = Default::default();
+/// let attn = SelfAttentionConfig::new(16).with_heads(2).with_dim_head(8).init::<NdArray>(&device);
+/// let x = Tensor::<NdArray, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(attn.forward(x).unwrap().dims(), [2, 5, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct SelfAttention<B: Backend> {
     /// Optional pre-normalisation.
@@ -154,6 +165,20 @@ pub struct AttentionInputs<B: Backend> {
 /// `to_out.weight [dim, heads·dim_head]`.
 ///
 /// Shapes: `x: [batch, queries, dim]` → `[batch, queries, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::attention::{AttentionConfig, AttentionInputs};
+///
+/// let device = Default::default();
+/// let attn = AttentionConfig::new(16).with_heads(4).with_dim_head(8).init::<NdArray>(&device);
+/// let queries = Tensor::<NdArray, 3>::random([2, 3, 16], Distribution::Normal(0.0, 1.0), &device);
+/// // Two key/value routes of 6 tokens: heads 0-1 attend to route 0, heads 2-3 to route 1.
+/// let context = Tensor::<NdArray, 4>::random([2, 2, 6, 16], Distribution::Normal(0.0, 1.0), &device);
+/// let inputs = AttentionInputs { context: Some(context), ..Default::default() };
+/// assert_eq!(attn.forward(queries, inputs).unwrap().dims(), [2, 3, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// Normalises queries and context.

@@ -23,6 +23,17 @@ pub struct FeedForwardConfig {
 /// `3.weight [dim, hidden]`, `3.bias`.
 ///
 /// Shapes: `[batch, seq, dim] → [batch, seq, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::feed_forward::FeedForwardConfig;
+///
+/// let device = Default::default();
+/// let ff = FeedForwardConfig::new(16).init::<NdArray>(&device);
+/// let x = Tensor::<NdArray, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(ff.forward(x).dims(), [2, 5, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct FeedForward<B: Backend> {
     /// Pre-normalisation.

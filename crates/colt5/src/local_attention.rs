@@ -56,6 +56,17 @@ pub struct LocalMhaConfig {
 /// [3·heads·dim_head, dim]`, `to_out.weight [dim, heads·dim_head]`.
 ///
 /// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::local_attention::LocalMhaConfig;
+///
+/// let device = Default::default();
+/// let attn = LocalMhaConfig::new(16, 4).with_heads(2).with_dim_head(8).init::<NdArray>(&device).unwrap();
+/// let x = Tensor::<NdArray, 3>::random([2, 10, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(attn.forward(x, None).unwrap().dims(), [2, 10, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct LocalMha<B: Backend> {
     /// Optional pre-normalisation.

@@ -18,6 +18,17 @@ pub struct RmsNormConfig {
 /// PyTorch parameter: `gamma: [dim]` (initialised to ones).
 ///
 /// Shapes: `[..., dim] → [..., dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::norm::RmsNormConfig;
+///
+/// let device = Default::default();
+/// let norm = RmsNormConfig::new(16).init::<NdArray>(&device);
+/// let x = Tensor::<NdArray, 3>::random([2, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(norm.forward(x).dims(), [2, 5, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// Per-feature gain γ.

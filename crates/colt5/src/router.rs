@@ -77,6 +77,19 @@ pub struct RouterOutput<B: Backend> {
 /// batch > 1 the routed tokens and mask are gathered from the right batch element;
 /// `route_block_size` routes inside each block and gathers from the whole sequence (the
 /// reference raises IndexError); `random_route` without a mask treats every token as valid.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::router::{CoordinateDescentRouterConfig, RouteOptions};
+///
+/// let device = Default::default();
+/// let router = CoordinateDescentRouterConfig::new(16).init::<NdArray>(&device).unwrap();
+/// let x = Tensor::<NdArray, 3>::random([2, 32, 16], Distribution::Normal(0.0, 1.0), &device);
+/// let routed = router.forward(x, 4, RouteOptions::default()).unwrap();
+/// assert_eq!(routed.routed_tokens.dims(), [2, 1, 4, 16]);
+/// assert_eq!(routed.indices.unwrap().dims(), [2, 1, 4]);
+/// ```
 #[derive(Module, Debug)]
 pub struct CoordinateDescentRouter<B: Backend> {
     /// The routing tokens, one per route.

@@ -65,6 +65,24 @@ pub struct ConditionalRoutedAttentionConfig {
 /// `heavy_attn.*` ([`Attention`]); `rotary_emb.inv_freq` is accepted and recomputed.
 ///
 /// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::routed::ConditionalRoutedAttentionConfig;
+///
+/// let device = Default::default();
+/// let attn = ConditionalRoutedAttentionConfig::new(16, 4, 8)
+///     .with_light_heads(2)
+///     .with_light_dim_head(8)
+///     .with_light_window_size(8)
+///     .with_heavy_heads(2)
+///     .with_heavy_dim_head(8)
+///     .init::<NdArray>(&device)
+///     .unwrap();
+/// let x = Tensor::<NdArray, 3>::random([2, 32, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(attn.forward(x, None).unwrap().dims(), [2, 32, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct ConditionalRoutedAttention<B: Backend> {
     /// Local attention over every token.

@@ -25,6 +25,29 @@ pub struct ConditionalRoutedTransformerBlockConfig {
 /// `conditional_ff.*` ([`ConditionalRoutedFeedForward`]).
 ///
 /// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::routed::{
+///     ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
+///     ConditionalRoutedTransformerBlockConfig,
+/// };
+///
+/// let device = Default::default();
+/// let attention = ConditionalRoutedAttentionConfig::new(16, 4, 8)
+///     .with_light_heads(2)
+///     .with_light_dim_head(8)
+///     .with_light_window_size(8)
+///     .with_heavy_heads(2)
+///     .with_heavy_dim_head(8);
+/// let feed_forward = ConditionalRoutedFeedForwardConfig::new(16, 4);
+/// let block = ConditionalRoutedTransformerBlockConfig::new(attention, feed_forward)
+///     .init::<NdArray>(&device)
+///     .unwrap();
+/// let x = Tensor::<NdArray, 3>::random([2, 32, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(block.forward(x, None).unwrap().dims(), [2, 32, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct ConditionalRoutedTransformerBlock<B: Backend> {
     /// The routed attention.

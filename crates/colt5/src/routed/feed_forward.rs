@@ -36,6 +36,17 @@ pub struct ConditionalRoutedFeedForwardConfig {
 ///
 /// Shapes: `x: [batch, n, dim]`, mask `[batch, n]` → `[batch, n, dim]`. Tokens that are not
 /// routed, or routed but masked, get no heavy output.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Distribution, Tensor};
+/// use colt5::routed::ConditionalRoutedFeedForwardConfig;
+///
+/// let device = Default::default();
+/// let ff = ConditionalRoutedFeedForwardConfig::new(16, 4).init::<NdArray>(&device).unwrap();
+/// let x = Tensor::<NdArray, 3>::random([2, 32, 16], Distribution::Normal(0.0, 1.0), &device);
+/// assert_eq!(ff.forward(x, None, None).unwrap().dims(), [2, 32, 16]);
+/// ```
 #[derive(Module, Debug)]
 pub struct ConditionalRoutedFeedForward<B: Backend> {
     /// The feed-forward applied to every token.
