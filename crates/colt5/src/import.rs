@@ -55,13 +55,16 @@ impl StateDict {
 
     /// Every parameter of `module` under its PyTorch name, in PyTorch's layout.
     pub fn from_module<B: Backend, M: Module<B>>(module: &M) -> StateDict {
-        let mut collector = Collector {
-            path: Vec::new(),
-            tensors: BTreeMap::new(),
-        };
-        module.visit(&mut collector);
+        let tensors = torch_params(module, Values)
+            .into_iter()
+            .map(|(name, data)| {
+                let shape = data.shape.to_vec();
+                let values = data.convert::<f64>().to_vec::<f64>().unwrap_or_default();
+                (name, CaseTensor { shape, values })
+            })
+            .collect();
         StateDict {
-            tensors: collector.tensors,
+            tensors,
             source: String::new(),
         }
     }
@@ -246,12 +249,36 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
     }
 }
 
-struct Collector {
-    path: Vec<(String, String)>,
-    tensors: BTreeMap<String, CaseTensor>,
+/// Reads one tensor per parameter for [`torch_params`]: its value, its gradient, ...
+pub(crate) trait ParamReader<B: Backend> {
+    /// The backend of the tensors read.
+    type Output: Backend;
+    /// The tensor of `param`, if it has one.
+    fn read<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Option<Tensor<Self::Output, D>>;
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collector {
+/// What `reader` reads of every parameter of `module`, by PyTorch name and in PyTorch's
+/// layout.
+pub(crate) fn torch_params<B: Backend, M: Module<B>, R: ParamReader<B>>(
+    module: &M,
+    reader: R,
+) -> BTreeMap<String, TensorData> {
+    let mut visitor = TorchParams {
+        reader,
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.found
+}
+
+struct TorchParams<R> {
+    reader: R,
+    path: Vec<(String, String)>,
+    found: BTreeMap<String, TensorData>,
+}
+
+impl<B: Backend, R: ParamReader<B>> ModuleVisitor<B> for TorchParams<R> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path
             .push((name.to_string(), container_type.to_string()));
@@ -263,14 +290,20 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let (name, transposed) = torch_name(&self.path);
-        let value = param.val();
-        let value = if transposed { value.transpose() } else { value };
-        let shape = value.dims().to_vec();
-        let values = value
-            .into_data()
-            .convert::<f64>()
-            .to_vec::<f64>()
-            .unwrap_or_default();
-        self.tensors.insert(name, CaseTensor { shape, values });
+        if let Some(value) = self.reader.read(param) {
+            let value = if transposed { value.transpose() } else { value };
+            self.found.insert(name, value.into_data());
+        }
+    }
+}
+
+/// Reads parameter values.
+struct Values;
+
+impl<B: Backend> ParamReader<B> for Values {
+    type Output = B;
+
+    fn read<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Option<Tensor<B, D>> {
+        Some(param.val())
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{backend::AutodiffBackend, Bool, Int, Tensor, TensorData};
 
 use crate::attend::AttendConfig;
@@ -17,7 +17,7 @@ use crate::attention::SelfAttentionConfig;
 use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
 use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
-use crate::import::{torch_name, StateDict};
+use crate::import::{torch_params, ParamReader, StateDict};
 use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
 use crate::routed::{
@@ -377,13 +377,8 @@ fn router_case<B: AutodiffBackend + CoorDescentBackend>(
         case.tensor("grad.in.x")?,
         grad_tol,
     ));
-    let mut collector = GradientCollector::<B> {
-        grads: &grads,
-        path: Vec::new(),
-        found: BTreeMap::new(),
-    };
-    router.visit(&mut collector);
-    comparisons.extend(compare_params(case, collector.found, grad_tol)?);
+    let params = torch_params(&router, Gradients::<B>(&grads));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
     Ok(comparisons)
 }
 
@@ -637,13 +632,7 @@ fn run_module<B: AutodiffBackend, M: Module<B>, const D: usize>(
 ) -> crate::Result<(TensorData, B::Gradients, BTreeMap<String, TensorData>)> {
     let cotangent = float::<B, D>(case.tensor("cot.out")?, &output.device());
     let grads = (output.clone() * cotangent).sum().backward();
-    let mut collector = GradientCollector::<B> {
-        grads: &grads,
-        path: Vec::new(),
-        found: BTreeMap::new(),
-    };
-    module.visit(&mut collector);
-    let params = collector.found;
+    let params = torch_params(module, Gradients::<B>(&grads));
     Ok((output.into_data(), grads, params))
 }
 
@@ -667,29 +656,17 @@ fn compare_params(
     Ok(comparisons)
 }
 
-/// Gradients of every parameter by PyTorch name, in PyTorch's layout.
-struct GradientCollector<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
-    path: Vec<(String, String)>,
-    found: BTreeMap<String, TensorData>,
-}
+/// Reads parameter gradients.
+struct Gradients<'a, B: AutodiffBackend>(&'a B::Gradients);
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for GradientCollector<'_, B> {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path
-            .push((name.to_string(), container_type.to_string()));
-    }
+impl<B: AutodiffBackend> ParamReader<B> for Gradients<'_, B> {
+    type Output = B::InnerBackend;
 
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let (name, transposed) = torch_name(&self.path);
-        if let Some(grad) = param.val().grad(self.grads) {
-            let grad = if transposed { grad.transpose() } else { grad };
-            self.found.insert(name, grad.into_data());
-        }
+    fn read<const D: usize>(
+        &self,
+        param: &Param<Tensor<B, D>>,
+    ) -> Option<Tensor<B::InnerBackend, D>> {
+        param.val().grad(self.0)
     }
 }
 
