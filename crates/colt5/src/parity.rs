@@ -179,33 +179,28 @@ fn layer_case<B: AutodiffBackend>(
     };
     let x = float::<B, 3>(case.tensor(&format!("in.{input_key}"))?, &device).require_grad();
     let state = StateDict::from_case(case);
-    let (output, grads, params) = match case.module.as_str() {
+    let tolerance = tolerances(precision, None, true);
+    let input = (&x, input_key);
+    match case.module.as_str() {
         "RMSNorm" => {
             let module = state.load_into(RmsNormConfig::new(dim).init::<B>(&device))?;
-            run_module(&module, module.forward(x.clone()), case)?
+            compare_module(case, &module, module.forward(x.clone()), input, tolerance)
         }
         "FeedForward" => {
             let mult = case.config_f64("mult")?.unwrap_or(4.0);
             let config = FeedForwardConfig::new(dim).with_mult(mult);
             let module = state.load_into(config.init::<B>(&device))?;
-            run_module(&module, module.forward(x.clone()), case)?
+            compare_module(case, &module, module.forward(x.clone()), input, tolerance)
         }
         _ => {
             let config = SelfAttentionConfig::new(dim)
                 .with_dim_head(config_usize(case, "dim_head", 64)?)
                 .with_heads(config_usize(case, "heads", 8)?)
-                .with_prenorm(case.config.get("prenorm").and_then(|v| v.as_bool()) == Some(true));
+                .with_prenorm(config_bool(case, "prenorm", false));
             let module = state.load_into(config.init::<B>(&device))?;
-            run_module(&module, module.forward(x.clone())?, case)?
+            compare_module(case, &module, module.forward(x.clone())?, input, tolerance)
         }
-    };
-    let (out_tol, grad_tol) = tolerances(precision, None, true);
-    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
-    let input_grad = x.grad(&grads).expect("input requires grad").into_data();
-    let key = format!("grad.in.{input_key}");
-    comparisons.push(compare(&key, input_grad, case.tensor(&key)?, grad_tol));
-    comparisons.extend(compare_params(case, params, grad_tol)?);
-    Ok(comparisons)
+    }
 }
 
 fn attend_case<B: AutodiffBackend>(
@@ -214,7 +209,7 @@ fn attend_case<B: AutodiffBackend>(
 ) -> crate::Result<Vec<Comparison>> {
     let device = Default::default();
     let config = AttendConfig::new()
-        .with_causal(case.config.get("causal").and_then(|v| v.as_bool()) == Some(true))
+        .with_causal(config_bool(case, "causal", false))
         .with_scale(case.config_f64("scale")?);
     let q = float::<B, 4>(case.tensor("in.q")?, &device).require_grad();
     let [batch, heads, _, _] = q.dims();
@@ -319,12 +314,7 @@ fn router_case<B: AutodiffBackend + CoorDescentBackend>(
     if let (Some(ours), Some(reference)) = (&routed.indices, case.optional("out.indices")) {
         let ours: Vec<i64> = ours.to_data().convert::<i64>().to_vec().unwrap_or_default();
         let (order, mismatches) = alignment(&ours, &reference.values, count);
-        comparisons.push(Comparison {
-            name: "out.indices".into(),
-            max_abs: mismatches as f64,
-            relative: if mismatches == 0 { 0.0 } else { f64::INFINITY },
-            tolerance: 0.0,
-        });
+        comparisons.push(index_sets(mismatches));
         let order =
             Tensor::<B, 3, Int>::from_data(TensorData::new(order, [batch, routes, count]), &device);
         scores = scores.gather(2, order.clone());
@@ -426,17 +416,24 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
         }
         Ok(config)
     };
-    let (output, grads, params) = match case.module.as_str() {
+    let tolerance = match (precision, rotary) {
+        // The reference computes rotary tables in f32 (ours are f64): in f64 the comparison is
+        // limited to f32 rounding of the angles.
+        (Precision::F64, true) => (1e-6, 1e-6),
+        _ => tolerances(precision, Some(eps), true),
+    };
+    let input = (&x, "x");
+    match case.module.as_str() {
         "ConditionalRoutedFeedForward" => {
             let module = state.load_into(feed_forward("num_heavy_tokens")?.init::<B>(&device)?)?;
             let output = module.forward(x.clone(), mask, None)?;
-            run_module(&module, output, case)?
+            compare_module(case, &module, output, input, tolerance)
         }
         "ConditionalRoutedAttention" => {
             let config = attention("num_heavy_tokens_q", "num_heavy_tokens_kv")?;
             let module = state.load_into(config.init::<B>(&device)?)?;
             let output = module.forward(x.clone(), mask)?;
-            run_module(&module, output, case)?
+            compare_module(case, &module, output, input, tolerance)
         }
         _ => {
             let config = ConditionalRoutedTransformerBlockConfig::new(
@@ -445,25 +442,9 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
             );
             let module = state.load_into(config.init::<B>(&device)?)?;
             let output = module.forward(x.clone(), mask)?;
-            run_module(&module, output, case)?
+            compare_module(case, &module, output, input, tolerance)
         }
-    };
-    let (out_tol, grad_tol) = match (precision, rotary) {
-        // The reference computes rotary tables in f32 (ours are f64): in f64 the comparison is
-        // limited to f32 rounding of the angles.
-        (Precision::F64, true) => (1e-6, 1e-6),
-        _ => tolerances(precision, Some(eps), true),
-    };
-    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
-    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
-    comparisons.push(compare(
-        "grad.in.x",
-        grad_x,
-        case.tensor("grad.in.x")?,
-        grad_tol,
-    ));
-    comparisons.extend(compare_params(case, params, grad_tol)?);
-    Ok(comparisons)
+    }
 }
 
 fn local_mha_case<B: AutodiffBackend>(
@@ -495,18 +476,8 @@ fn local_mha_case<B: AutodiffBackend>(
     let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
     let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
     let output = module.forward(x.clone(), mask)?;
-    let (output, grads, params) = run_module(&module, output, case)?;
-    let (out_tol, grad_tol) = tolerances(precision, None, true);
-    let mut comparisons = vec![compare("out.out", output, case.tensor("out.out")?, out_tol)];
-    let grad_x = x.grad(&grads).expect("x requires grad").into_data();
-    comparisons.push(compare(
-        "grad.in.x",
-        grad_x,
-        case.tensor("grad.in.x")?,
-        grad_tol,
-    ));
-    comparisons.extend(compare_params(case, params, grad_tol)?);
-    Ok(comparisons)
+    let tolerance = tolerances(precision, None, true);
+    compare_module(case, &module, output, (&x, "x"), tolerance)
 }
 
 /// The differentiable top-k: index sets per row, the other outputs aligned to the
@@ -540,12 +511,7 @@ fn topk_case<B: AutodiffBackend + CoorDescentBackend>(
     let align = |t: Tensor<B, 2>| t.gather(1, order.clone());
     let values = align(out.values);
     let (out_tol, grad_tol) = tolerances(precision, Some(config.eps), true);
-    let mut comparisons = vec![Comparison {
-        name: "out.indices".into(),
-        max_abs: mismatches as f64,
-        relative: if mismatches == 0 { 0.0 } else { f64::INFINITY },
-        tolerance: 0.0,
-    }];
+    let mut comparisons = vec![index_sets(mismatches)];
     let soft = [
         ("out.coor_descent_values", out.coor_descent_values),
         ("out.gates", out.gates),
@@ -587,6 +553,16 @@ fn with_route_axis(tensor: &CaseTensor, routes: usize) -> CaseTensor {
     tensor
 }
 
+/// The comparison of index sets: `max_abs` counts the reference indices we did not select.
+fn index_sets(mismatches: usize) -> Comparison {
+    Comparison {
+        name: "out.indices".into(),
+        max_abs: mismatches as f64,
+        relative: if mismatches == 0 { 0.0 } else { f64::INFINITY },
+        tolerance: 0.0,
+    }
+}
+
 /// For rows of `count` indices: the position in our row of each reference index (so that
 /// gathering ours by it yields the reference's order), and how many reference indices our
 /// row lacks.
@@ -623,17 +599,29 @@ impl<B: AutodiffBackend> Leaf<B> {
     }
 }
 
-/// Back-propagates Σ out·cot and collects the gradients of the module's parameters by
-/// PyTorch name.
-fn run_module<B: AutodiffBackend, M: Module<B>, const D: usize>(
+/// Back-propagates Σ out·cot of a module with one input and compares `out.out`,
+/// `grad.in.{input_key}` and every `grad.param.*` of the case.
+fn compare_module<B: AutodiffBackend, M: Module<B>, const D: usize>(
+    case: &Case,
     module: &M,
     output: Tensor<B, D>,
-    case: &Case,
-) -> crate::Result<(TensorData, B::Gradients, BTreeMap<String, TensorData>)> {
+    (input, input_key): (&Tensor<B, 3>, &str),
+    (out_tol, grad_tol): (f64, f64),
+) -> crate::Result<Vec<Comparison>> {
     let cotangent = float::<B, D>(case.tensor("cot.out")?, &output.device());
     let grads = (output.clone() * cotangent).sum().backward();
     let params = torch_params(module, Gradients::<B>(&grads));
-    Ok((output.into_data(), grads, params))
+    let mut comparisons = vec![compare(
+        "out.out",
+        output.into_data(),
+        case.tensor("out.out")?,
+        out_tol,
+    )];
+    let input_grad = input.grad(&grads).expect("input requires grad").into_data();
+    let key = format!("grad.in.{input_key}");
+    comparisons.push(compare(&key, input_grad, case.tensor(&key)?, grad_tol));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
+    Ok(comparisons)
 }
 
 /// Compares every `grad.param.NAME` of the case with our gradient of that parameter.
