@@ -14,7 +14,7 @@ pub enum Error {
         /// The rejected value, as text.
         value: String,
         /// What a valid value looks like.
-        expected: &'static str,
+        expected: String,
     },
     /// A tensor has the wrong shape.
     #[error("{name} has shape {actual:?}, expected {expected}")]
@@ -74,11 +74,15 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn config(name: &'static str, value: impl ToString, expected: &'static str) -> Self {
+    pub(crate) fn config(
+        name: &'static str,
+        value: impl ToString,
+        expected: impl Into<String>,
+    ) -> Self {
         Error::InvalidConfig {
             name,
             value: value.to_string(),
-            expected,
+            expected: expected.into(),
         }
     }
 }

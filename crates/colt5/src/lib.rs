@@ -24,5 +24,6 @@ pub mod rotary;
 pub mod routed;
 pub mod router;
 pub mod topk;
+pub mod vit;
 
 pub use error::{Error, Result};

@@ -21,11 +21,13 @@ use crate::import::{torch_params, ParamReader, StateDict};
 use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
 use crate::routed::{
-    ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
+    ConditionalRoutedAttentionConfig, ConditionalRoutedAutoregressiveAttentionConfig,
+    ConditionalRoutedFeedForwardConfig, ConditionalRoutedImageAttentionConfig,
     ConditionalRoutedTransformerBlockConfig,
 };
 use crate::router::{CoordinateDescentRouterConfig, RouteOptions};
 use crate::topk::{topk, TopkConfig};
+use crate::vit::ConditionalRoutedViTConfig;
 
 /// The floating-point precision a case is run in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,9 +100,14 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
         "LocalMHA" => local_mha_case::<B>(case, precision).map(Outcome::Compared),
         "ConditionalRoutedFeedForward"
         | "ConditionalRoutedAttention"
+        | "ConditionalRoutedAutoregressiveAttention"
         | "ConditionalRoutedTransformerBlock" => {
             routed_case::<B>(case, precision).map(Outcome::Compared)
         }
+        "ConditionalRoutedImageAttention" => {
+            image_case::<B>(case, precision).map(Outcome::Compared)
+        }
+        "ConditionalRoutedViT" => vit_case::<B>(case, precision).map(Outcome::Compared),
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -372,39 +379,51 @@ fn router_case<B: AutodiffBackend + CoorDescentBackend>(
     Ok(comparisons)
 }
 
+/// The routed attention options of a case whose token counts are under `num_q`/`num_kv`.
+fn attention_config(
+    case: &Case,
+    router: &CoordinateDescentRouterConfig,
+    (num_q, num_kv): (&str, &str),
+) -> crate::Result<ConditionalRoutedAttentionConfig> {
+    Ok(ConditionalRoutedAttentionConfig::new(
+        config_usize(case, "dim", 0)?,
+        config_usize(case, num_q, 0)?,
+        config_usize(case, num_kv, 0)?,
+    )
+    .with_num_routed_kv(config_usize(case, "num_routed_kv", 1)?)
+    .with_light_dim_head(config_usize(case, "light_dim_head", 64)?)
+    .with_light_heads(config_usize(case, "light_heads", 8)?)
+    .with_light_window_size(config_usize(case, "light_window_size", 128)?)
+    .with_heavy_dim_head(config_usize(case, "heavy_dim_head", 64)?)
+    .with_heavy_heads(config_usize(case, "heavy_heads", 8)?)
+    .with_multiply_keys_by_score(config_bool(case, "multiply_keys_by_score", false))
+    .with_multiply_queries_by_score(config_bool(case, "multiply_queries_by_score", false))
+    .with_use_null_q_tokens(config_bool(case, "use_null_q_tokens", true))
+    .with_rotary_emb(config_bool(case, "rotary_emb", false))
+    .with_router(router.clone().with_straight_through(config_bool(
+        case,
+        "router_straight_through",
+        true,
+    ))))
+}
+
 /// Routed layers: `x: [batch, n, dim]` and an optional mask in, `out` back.
 fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
     case: &Case,
     precision: Precision,
 ) -> crate::Result<Vec<Comparison>> {
     let device = Default::default();
-    let router = router_config(case)?;
-    let eps = router.eps;
+    let router = router_config(case)?.with_straight_through(config_bool(
+        case,
+        "router_straight_through",
+        true,
+    ));
     let x = float::<B, 3>(case.tensor("in.x")?, &device).require_grad();
     let mask = case.optional("in.mask").map(|m| mask::<B, 2>(m, &device));
     let state = StateDict::from_case(case);
-    let router = router.with_straight_through(config_bool(case, "router_straight_through", true));
     let dim = config_usize(case, "dim", 0)?;
     let rotary = config_bool(case, "rotary_emb", false);
-    let attention =
-        |num_q: &str, num_kv: &str| -> crate::Result<ConditionalRoutedAttentionConfig> {
-            Ok(ConditionalRoutedAttentionConfig::new(
-                dim,
-                config_usize(case, num_q, 0)?,
-                config_usize(case, num_kv, 0)?,
-            )
-            .with_num_routed_kv(config_usize(case, "num_routed_kv", 1)?)
-            .with_light_dim_head(config_usize(case, "light_dim_head", 64)?)
-            .with_light_heads(config_usize(case, "light_heads", 8)?)
-            .with_light_window_size(config_usize(case, "light_window_size", 128)?)
-            .with_heavy_dim_head(config_usize(case, "heavy_dim_head", 64)?)
-            .with_heavy_heads(config_usize(case, "heavy_heads", 8)?)
-            .with_multiply_keys_by_score(config_bool(case, "multiply_keys_by_score", false))
-            .with_multiply_queries_by_score(config_bool(case, "multiply_queries_by_score", false))
-            .with_use_null_q_tokens(config_bool(case, "use_null_q_tokens", true))
-            .with_rotary_emb(rotary)
-            .with_router(router.clone()))
-        };
+    let attention = |counts| attention_config(case, &router, counts);
     let feed_forward = |num: &str| -> crate::Result<ConditionalRoutedFeedForwardConfig> {
         let mut config = ConditionalRoutedFeedForwardConfig::new(dim, config_usize(case, num, 0)?)
             .with_router(router.clone());
@@ -420,9 +439,10 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
         // The reference computes rotary tables in f32 (ours are f64): in f64 the comparison is
         // limited to f32 rounding of the angles.
         (Precision::F64, true) => (1e-6, 1e-6),
-        _ => tolerances(precision, Some(eps), true),
+        _ => tolerances(precision, Some(router.eps), true),
     };
     let input = (&x, "x");
+    let heavy_counts = ("num_heavy_tokens_q", "num_heavy_tokens_kv");
     match case.module.as_str() {
         "ConditionalRoutedFeedForward" => {
             let module = state.load_into(feed_forward("num_heavy_tokens")?.init::<B>(&device)?)?;
@@ -430,14 +450,25 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
             compare_module(case, &module, output, input, tolerance)
         }
         "ConditionalRoutedAttention" => {
-            let config = attention("num_heavy_tokens_q", "num_heavy_tokens_kv")?;
-            let module = state.load_into(config.init::<B>(&device)?)?;
+            let module = state.load_into(attention(heavy_counts)?.init::<B>(&device)?)?;
             let output = module.forward(x.clone(), mask)?;
+            compare_module(case, &module, output, input, tolerance)
+        }
+        "ConditionalRoutedAutoregressiveAttention" => {
+            let heavy_window = case
+                .config
+                .get("heavy_window_size")
+                .and_then(|v| v.as_u64());
+            let config =
+                ConditionalRoutedAutoregressiveAttentionConfig::new(attention(heavy_counts)?)
+                    .with_heavy_window_size(heavy_window.map(|w| w as usize));
+            let module = state.load_into(config.init::<B>(&device)?)?;
+            let output = module.forward(x.clone(), false)?;
             compare_module(case, &module, output, input, tolerance)
         }
         _ => {
             let config = ConditionalRoutedTransformerBlockConfig::new(
-                attention("num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv")?,
+                attention(("num_heavy_attn_tokens_q", "num_heavy_attn_tokens_kv"))?,
                 feed_forward("num_heavy_ff_tokens")?,
             );
             let module = state.load_into(config.init::<B>(&device)?)?;
@@ -445,6 +476,72 @@ fn routed_case<B: AutodiffBackend + CoorDescentBackend>(
             compare_module(case, &module, output, input, tolerance)
         }
     }
+}
+
+/// `ConditionalRoutedImageAttention`: `x: [batch, height, width, dim]` (or channel-first).
+fn image_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let router = router_config(case)?;
+    let config = ConditionalRoutedImageAttentionConfig::new(attention_config(
+        case,
+        &router,
+        ("num_heavy_tokens_q", "num_heavy_tokens_kv"),
+    )?)
+    .with_channel_first(config_bool(case, "channel_first", false));
+    let module = StateDict::from_case(case).load_into(config.init::<B>(&device)?)?;
+    let x = float::<B, 4>(case.tensor("in.x")?, &device).require_grad();
+    let output = module.forward(x.clone(), None)?;
+    let tolerance = tolerances(precision, Some(router.eps), true);
+    compare_module(case, &module, output, (&x, "x"), tolerance)
+}
+
+/// `ConditionalRoutedViT`: images in, logits out.
+fn vit_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let size = |name| -> crate::Result<[usize; 2]> {
+        let side = config_usize(case, name, 0)?;
+        Ok([side, side])
+    };
+    let mut router = CoordinateDescentRouterConfig::new(0).with_eps(1.0);
+    if let Some(eps) = case.config_f64("default_coor_descent_eps")? {
+        router = router.with_eps(eps);
+    }
+    let mut config = ConditionalRoutedViTConfig::new(
+        size("image_size")?,
+        size("patch_size")?,
+        config_usize(case, "num_classes", 0)?,
+        config_usize(case, "dim", 0)?,
+        config_usize(case, "depth", 0)?,
+        config_usize(case, "attn_num_heavy_tokens_q", 0)?,
+        config_usize(case, "attn_num_heavy_tokens_kv", 0)?,
+        config_usize(case, "ff_num_heavy_tokens", 0)?,
+    )
+    .with_attn_heavy_dim_head(config_usize(case, "attn_heavy_dim_head", 0)?)
+    .with_attn_heavy_heads(config_usize(case, "attn_heavy_heads", 0)?)
+    .with_attn_light_dim_head(config_usize(case, "attn_light_dim_head", 0)?)
+    .with_attn_light_heads(config_usize(case, "attn_light_heads", 0)?)
+    .with_attn_light_window_size(config_usize(case, "attn_light_window_size", 0)?)
+    .with_attn_num_routed_kv(config_usize(case, "attn_num_routed_kv", 1)?)
+    .with_channels(config_usize(case, "channels", 3)?)
+    .with_router(router);
+    if let Some(mult) = case.config_f64("ff_heavy_mult")? {
+        config = config.with_ff_heavy_mult(mult);
+    }
+    if let Some(mult) = case.config_f64("ff_light_mult")? {
+        config = config.with_ff_light_mult(mult);
+    }
+    let eps = config.router.eps;
+    let module = StateDict::from_case(case).load_into(config.init::<B>(&device)?)?;
+    let images = float::<B, 4>(case.tensor("in.img")?, &device).require_grad();
+    let output = module.forward(images.clone())?;
+    let tolerance = tolerances(precision, Some(eps), true);
+    compare_module(case, &module, output, (&images, "img"), tolerance)
 }
 
 fn local_mha_case<B: AutodiffBackend>(
@@ -601,11 +698,11 @@ impl<B: AutodiffBackend> Leaf<B> {
 
 /// Back-propagates Σ out·cot of a module with one input and compares `out.out`,
 /// `grad.in.{input_key}` and every `grad.param.*` of the case.
-fn compare_module<B: AutodiffBackend, M: Module<B>, const D: usize>(
+fn compare_module<B: AutodiffBackend, M: Module<B>, const D: usize, const DI: usize>(
     case: &Case,
     module: &M,
     output: Tensor<B, D>,
-    (input, input_key): (&Tensor<B, 3>, &str),
+    (input, input_key): (&Tensor<B, DI>, &str),
     (out_tol, grad_tol): (f64, f64),
 ) -> crate::Result<Vec<Comparison>> {
     let cotangent = float::<B, D>(case.tensor("cot.out")?, &output.device());

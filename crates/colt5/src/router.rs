@@ -173,6 +173,16 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
     ) -> crate::Result<RouterOutput<B>> {
         let [batch, n, dim] = x.dims();
         let routes = self.num_routes;
+        if let Some(token) = &self.routing_token {
+            let expected = token.dims()[1];
+            if dim != expected {
+                return Err(Error::Shape {
+                    name: "x",
+                    actual: vec![batch, n, dim],
+                    expected: format!("[batch, n, {expected}] (the router's dim)"),
+                });
+            }
+        }
         if let Some(mask) = &options.mask {
             if mask.dims() != [batch, n] {
                 return Err(Error::Shape {

@@ -8,7 +8,7 @@ use super::route_back;
 use crate::attention::{Attention, AttentionConfig, AttentionInputs};
 use crate::coor_descent::CoorDescentBackend;
 use crate::local_attention::{LocalMha, LocalMhaConfig};
-use crate::rotary::RotaryEmbedding;
+use crate::rotary::{RotaryEmbedding, Rotation};
 use crate::router::{CoordinateDescentRouter, CoordinateDescentRouterConfig, RouteOptions};
 
 /// Configuration of [`ConditionalRoutedAttention`]; defaults are the reference's.
@@ -107,6 +107,30 @@ impl ConditionalRoutedAttentionConfig {
         &self,
         device: &B::Device,
     ) -> crate::Result<ConditionalRoutedAttention<B>> {
+        let heavy = self.init_heavy(device)?;
+        Ok(ConditionalRoutedAttention {
+            light_attn: LocalMhaConfig::new(self.dim, self.light_window_size / 2)
+                .with_dim_head(self.light_dim_head)
+                .with_heads(self.light_heads)
+                .with_prenorm(true)
+                .with_look_forward(Some(1))
+                .init(device)?,
+            null_q_token: heavy.null_q_token,
+            q_router: heavy.q_router,
+            kv_router: heavy.kv_router,
+            heavy_attn: heavy.heavy_attn,
+            num_heavy_tokens_q: self.num_heavy_tokens_q,
+            num_heavy_tokens_kv: self.num_heavy_tokens_kv,
+            multiply_queries_by_score: self.multiply_queries_by_score,
+            rotary_dim: self.rotary_emb.then_some(self.heavy_dim_head),
+        })
+    }
+
+    /// The parameters of the heavy branch, which every routed attention shares.
+    pub(crate) fn init_heavy<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> crate::Result<HeavyParams<B>> {
         let router = |routes| {
             CoordinateDescentRouterConfig {
                 dim: self.dim,
@@ -115,13 +139,7 @@ impl ConditionalRoutedAttentionConfig {
             }
             .init(device)
         };
-        Ok(ConditionalRoutedAttention {
-            light_attn: LocalMhaConfig::new(self.dim, self.light_window_size / 2)
-                .with_dim_head(self.light_dim_head)
-                .with_heads(self.light_heads)
-                .with_prenorm(true)
-                .with_look_forward(Some(1))
-                .init(device)?,
+        Ok(HeavyParams {
             null_q_token: self.use_null_q_tokens.then(|| {
                 Param::from_tensor(Tensor::random(
                     [self.dim],
@@ -136,10 +154,6 @@ impl ConditionalRoutedAttentionConfig {
                 .with_heads(self.heavy_heads)
                 .with_multiply_keys_by_score(self.multiply_keys_by_score)
                 .init(device),
-            num_heavy_tokens_q: self.num_heavy_tokens_q,
-            num_heavy_tokens_kv: self.num_heavy_tokens_kv,
-            multiply_queries_by_score: self.multiply_queries_by_score,
-            rotary_dim: self.rotary_emb.then_some(self.heavy_dim_head),
         })
     }
 }
@@ -151,38 +165,140 @@ impl<B: CoorDescentBackend> ConditionalRoutedAttention<B> {
         x: Tensor<B, 3>,
         mask: Option<Tensor<B, 2, Bool>>,
     ) -> crate::Result<Tensor<B, 3>> {
-        let [batch, n, dim] = x.dims();
-        let device = x.device();
+        let [batch, n, _] = x.dims();
         let light = self.light_attn.forward(x.clone(), mask.clone())?;
-        let route = |router: &CoordinateDescentRouter<B>, count| {
+        let rotary = self.rotary_dim.map(|dim_head| {
+            let device = x.device();
+            let positions = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+                .unsqueeze::<2>()
+                .expand([batch, n]);
+            RotaryPositions {
+                table: RotaryEmbedding::new(dim_head).forward(n, &device),
+                queries: positions.clone(),
+                keys: positions,
+            }
+        });
+        let heavy = self.heavy().forward(HeavyInputs {
+            queries: x.clone(),
+            query_mask: mask.clone(),
+            num_queries: self.num_heavy_tokens_q,
+            keys: x,
+            key_mask: mask,
+            num_keys: self.num_heavy_tokens_kv,
+            random_route: false,
+            rotary,
+        })?;
+        Ok(light + heavy)
+    }
+
+    fn heavy(&self) -> HeavyBranch<'_, B> {
+        HeavyBranch {
+            null_q_token: self.null_q_token.as_ref(),
+            q_router: &self.q_router,
+            kv_router: &self.kv_router,
+            heavy_attn: &self.heavy_attn,
+            multiply_queries_by_score: self.multiply_queries_by_score,
+        }
+    }
+}
+
+/// Freshly initialised parameters of a heavy branch.
+pub(crate) struct HeavyParams<B: Backend> {
+    pub null_q_token: Option<Param<Tensor<B, 1>>>,
+    pub q_router: CoordinateDescentRouter<B>,
+    pub kv_router: CoordinateDescentRouter<B>,
+    pub heavy_attn: Attention<B>,
+}
+
+/// The heavy branch every routed attention shares, borrowed from the layer that owns its
+/// parameters (they sit at the layer's top level under the reference's names).
+pub(crate) struct HeavyBranch<'a, B: Backend> {
+    pub null_q_token: Option<&'a Param<Tensor<B, 1>>>,
+    pub q_router: &'a CoordinateDescentRouter<B>,
+    pub kv_router: &'a CoordinateDescentRouter<B>,
+    pub heavy_attn: &'a Attention<B>,
+    pub multiply_queries_by_score: bool,
+}
+
+/// What the heavy branch routes: queries among `queries`, keys/values among `keys`.
+pub(crate) struct HeavyInputs<B: Backend> {
+    /// `[batch, len_q, dim]`.
+    pub queries: Tensor<B, 3>,
+    /// `[batch, len_q]`, true = real token.
+    pub query_mask: Option<Tensor<B, 2, Bool>>,
+    pub num_queries: usize,
+    /// `[batch, len_k, dim]`.
+    pub keys: Tensor<B, 3>,
+    /// `[batch, len_k]`, true = visible.
+    pub key_mask: Option<Tensor<B, 2, Bool>>,
+    pub num_keys: usize,
+    pub random_route: bool,
+    pub rotary: Option<RotaryPositions<B>>,
+}
+
+/// Rotary embedding of the heavy attention: the table and every slot's absolute position.
+pub(crate) struct RotaryPositions<B: Backend> {
+    /// `[positions, dim_head]`.
+    pub table: Rotation<B, 2>,
+    /// `[batch, len_q]`.
+    pub queries: Tensor<B, 2, Int>,
+    /// `[batch, len_k]`.
+    pub keys: Tensor<B, 2, Int>,
+}
+
+impl<B: CoorDescentBackend> HeavyBranch<'_, B> {
+    /// Routes, attends the routed queries to the routed keys, scales by the query scores and
+    /// scatters back: `[batch, len_q, dim]`, the null token (or 0) where no query was routed.
+    pub fn forward(&self, inputs: HeavyInputs<B>) -> crate::Result<Tensor<B, 3>> {
+        let [batch, len_q, dim] = inputs.queries.dims();
+        let device = inputs.queries.device();
+        let route = |router: &CoordinateDescentRouter<B>, x, mask, count| {
             router.forward(
-                x.clone(),
+                x,
                 count,
                 RouteOptions {
-                    mask: mask.clone(),
-                    ..Default::default()
+                    mask,
+                    random_route: inputs.random_route,
+                    routing_tokens: None,
                 },
             )
         };
-        let queries = route(&self.q_router, self.num_heavy_tokens_q)?;
-        let keys = route(&self.kv_router, self.num_heavy_tokens_kv)?;
+        let queries = route(
+            self.q_router,
+            inputs.queries,
+            inputs.query_mask,
+            inputs.num_queries,
+        )?;
+        let keys = route(
+            self.kv_router,
+            inputs.keys,
+            inputs.key_mask,
+            inputs.num_keys,
+        )?;
         let [_, _, q_count, _] = queries.routed_tokens.dims();
         let [_, routes, kv_count, _] = keys.routed_tokens.dims();
         let scores_q = queries.scores.reshape([batch, q_count]);
 
-        let rotary = self.rotary_dim.map(|dim_head| {
-            let table = RotaryEmbedding::new(dim_head).forward::<B>(n, &device);
-            // The rotation of each routed token's absolute position: [batch, routes, count, dim_head].
-            let at = |indices: &Option<Tensor<B, 3, Int>>, routes, count| {
-                table.clone().map(|t| match indices {
-                    Some(indices) => t
-                        .select(0, indices.clone().reshape([batch * routes * count]))
-                        .reshape([batch, routes, count, dim_head]),
-                    None => t.unsqueeze::<4>().expand([batch, routes, count, dim_head]),
-                })
-            };
-            let q_rotation = at(&queries.indices, 1, q_count);
-            let k_rotation = at(&keys.indices, routes, kv_count).map(|t| t.unsqueeze_dim::<5>(2));
+        let rotary = inputs.rotary.map(|positions| {
+            let dim_head = positions.table.cos.dims()[1];
+            // The rotation at each routed token's position: [batch, routes, count, dim_head].
+            let at =
+                |slots: Tensor<B, 2, Int>, indices: &Option<Tensor<B, 3, Int>>, routes, count| {
+                    let slots = match indices {
+                        Some(indices) => slots
+                            .gather(1, indices.clone().reshape([batch, routes * count]))
+                            .reshape([batch, routes, count]),
+                        None => slots.unsqueeze_dim::<3>(1).expand([batch, routes, count]),
+                    };
+                    let slots = slots.reshape([batch * routes * count]);
+                    positions.table.clone().map(|t| {
+                        t.select(0, slots.clone())
+                            .reshape([batch, routes, count, dim_head])
+                    })
+                };
+            let q_rotation = at(positions.queries, &queries.indices, 1, q_count);
+            let k_rotation = at(positions.keys, &keys.indices, routes, kv_count)
+                .map(|t| t.unsqueeze_dim::<5>(2));
             (q_rotation, k_rotation)
         });
         let heavy = self.heavy_attn.forward(
@@ -196,16 +312,15 @@ impl<B: CoorDescentBackend> ConditionalRoutedAttention<B> {
             },
         )?;
         let heavy = heavy * scores_q.unsqueeze_dim(2);
-        let heavy = match queries.indices {
+        Ok(match queries.indices {
             Some(indices) => {
-                let base = match &self.null_q_token {
-                    Some(token) => token.val().reshape([1, 1, dim]).expand([batch, n, dim]),
-                    None => Tensor::zeros([batch, n, dim], &device),
+                let base = match self.null_q_token {
+                    Some(token) => token.val().reshape([1, 1, dim]).expand([batch, len_q, dim]),
+                    None => Tensor::zeros([batch, len_q, dim], &device),
                 };
                 route_back(base, heavy, indices.reshape([batch, q_count]))
             }
             None => heavy,
-        };
-        Ok(light + heavy)
+        })
     }
 }
