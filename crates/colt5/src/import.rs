@@ -153,8 +153,11 @@ impl StateDict {
         };
         let module = module.map(&mut loader);
         let mut problems = loader.problems;
-        for name in self.tensors.keys() {
-            if !loader.used.contains(name) && !is_buffer(name) {
+        for (name, tensor) in &self.tensors {
+            // Zero-element tensors (the reference registers an empty `null_kv` when it has
+            // no null keys) carry nothing to load.
+            let empty = tensor.values.is_empty();
+            if !loader.used.contains(name) && !is_buffer(name) && !empty {
                 problems.push(format!("unexpected tensor `{name}`"));
             }
         }
@@ -190,6 +193,12 @@ pub fn torch_field<'a>(container: &str, field: &'a str) -> &'a str {
         ("Struct:ConditionalRoutedViT", "head") => "linear_head.2",
         ("Struct:ViTBlock", "attention") => "0",
         ("Struct:ViTBlock", "feed_forward") => "1",
+        ("Struct:CdFeedForward", "norm") => "proj_in.0",
+        ("Struct:CdFeedForward", "proj_in") => "proj_in.1",
+        ("Struct:CdBlock", "attention") => "0",
+        ("Struct:CdBlock", "feed_forward") => "1",
+        ("Struct:CdTransformer", "logits_norm") => "to_logits.0",
+        ("Struct:CdTransformer", "to_logits") => "to_logits.1",
         ("Struct:LayerNorm", "gamma") => "weight",
         ("Struct:LayerNorm", "beta") => "bias",
         _ => field,

@@ -18,6 +18,7 @@ use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, R
 use crate::feed_forward::FeedForwardConfig;
 use crate::golden::{Case, CaseTensor};
 use crate::import::{torch_params, ParamReader, StateDict};
+use crate::lm::{CdTransformerConfig, LanguageModel};
 use crate::local_attention::LocalMhaConfig;
 use crate::norm::RmsNormConfig;
 use crate::routed::{
@@ -108,6 +109,9 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
             image_case::<B>(case, precision).map(Outcome::Compared)
         }
         "ConditionalRoutedViT" => vit_case::<B>(case, precision).map(Outcome::Compared),
+        "CoordinateDescentAttentionTransformer" => {
+            cd_lm_case::<B>(case, precision).map(Outcome::Compared)
+        }
         _ => Ok(Outcome::Unsupported),
     }
 }
@@ -642,6 +646,68 @@ fn topk_case<B: AutodiffBackend + CoorDescentBackend>(
 }
 
 /// `tensor` with a route axis of `routes` after the batch axis, if it lacks one.
+/// The coordinate-descent-attention LM: token ids in, logits and parameter gradients out.
+fn cd_lm_case<B: AutodiffBackend + CoorDescentBackend>(
+    case: &Case,
+    precision: Precision,
+) -> crate::Result<Vec<Comparison>> {
+    let device = Default::default();
+    let mut config = CdTransformerConfig::new(
+        config_usize(case, "num_tokens", 0)?,
+        config_usize(case, "dim", 0)?,
+        config_usize(case, "seq_len", 0)?,
+        config_usize(case, "depth", 0)?,
+    )
+    .with_dim_head(config_usize(case, "dim_head", 64)?)
+    .with_heads(config_usize(case, "heads", 8)?)
+    .with_attn_use_coor_descent(config_bool(case, "attn_use_coor_descent", false))
+    .with_ff_use_coor_descent(config_bool(case, "ff_use_coor_descent", false))
+    .with_coor_descent_iters(config_usize(case, "coor_descent_iters", 15)?)
+    .with_attn_null_kv(config_usize(case, "attn_null_kv", 0)?)
+    .with_learned_sparsity_k(config_bool(case, "learned_sparsity_k", false));
+    for (name, set) in [
+        (
+            "ff_mult",
+            CdTransformerConfig::with_ff_mult as fn(_, _) -> _,
+        ),
+        (
+            "attn_coor_descent_sparsity_k",
+            CdTransformerConfig::with_attn_coor_descent_sparsity_k,
+        ),
+        (
+            "ff_coor_descent_sparsity_k",
+            CdTransformerConfig::with_ff_coor_descent_sparsity_k,
+        ),
+        (
+            "coor_descent_eps",
+            CdTransformerConfig::with_coor_descent_eps,
+        ),
+    ] {
+        if let Some(value) = case.config_f64(name)? {
+            config = set(config, value);
+        }
+    }
+    let eps = config.coor_descent_eps;
+    let model = StateDict::from_case(case).load_into(config.init::<B>(&device)?)?;
+    let tokens = case.tensor("in.x")?;
+    let ids: Vec<i64> = tokens.values.iter().map(|&v| v as i64).collect();
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, tokens.shape.clone()), &device);
+    let logits = model.forward(tokens)?;
+    let (out_tol, grad_tol) = tolerances(precision, Some(eps), true);
+    let cotangent = float::<B, 3>(case.tensor("cot.logits")?, &device);
+    let grads = (logits.clone() * cotangent).sum().backward();
+    let mut comparisons = vec![compare(
+        "out.logits",
+        logits.into_data(),
+        case.tensor("out.logits")?,
+        out_tol,
+    )];
+    let params = torch_params(&model, Gradients::<B>(&grads));
+    comparisons.extend(compare_params(case, params, grad_tol)?);
+    Ok(comparisons)
+}
+
 fn with_route_axis(tensor: &CaseTensor, routes: usize) -> CaseTensor {
     let mut tensor = tensor.clone();
     if routes == 1 {

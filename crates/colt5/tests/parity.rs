@@ -9,7 +9,7 @@ use colt5::parity::{run_case, Outcome, Precision};
 
 /// Reference modules whose golden cases exist but which this version does not implement yet.
 /// A case of any module that is neither implemented nor listed here fails the test.
-const NOT_YET_IMPLEMENTED: &[&str] = &["CoordinateDescentAttentionTransformer"];
+const NOT_YET_IMPLEMENTED: &[&str] = &[];
 
 fn golden_dir() -> PathBuf {
     match std::env::var_os("COLT5_GOLDEN_DIR") {

@@ -1,0 +1,457 @@
+//! The coordinate-descent-attention language model (`coordinate_descent_attention.py`):
+//! attention whose weights over the keys, and a feed-forward whose hidden activations, are
+//! soft top-k masks computed by coordinate descent.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{activation, backend::Backend, Bool, Distribution, Int, Tensor};
+
+use super::{check_tokens, last_logits, token_tensor, Decoder, LanguageModel};
+use crate::attention::{merge_heads, split_heads};
+use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
+use crate::error::Error;
+use crate::feed_forward::exact_gelu;
+
+/// The coordinate descent settings of one layer: the reference's schedule (eps_init 4,
+/// decay 0.7) with the model's iterations and final temperature.
+fn schedule(n_iters: usize, eps: f64) -> CoorDescentConfig {
+    CoorDescentConfig::iterations(n_iters, eps, Some(4.0), 0.7)
+}
+
+/// `1 / (1 + e^−x)`, composed so that it keeps the backend's precision: burn 0.21's
+/// `sigmoid` on `NdArray<f64>` rounds to f32 (errors up to 5e-8).
+fn sigmoid<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.neg().exp().add_scalar(1.0).recip()
+}
+
+/// Configuration of [`CdTransformer`]; defaults are the reference `Transformer`'s.
+#[derive(Config, Debug)]
+pub struct CdTransformerConfig {
+    /// Vocabulary size.
+    pub num_tokens: usize,
+    /// Model width.
+    pub dim: usize,
+    /// Longest sequence (learned absolute positions).
+    pub seq_len: usize,
+    /// Number of blocks.
+    pub depth: usize,
+    /// Width of each attention head. Default 64.
+    #[config(default = 64)]
+    pub dim_head: usize,
+    /// Attention heads. Default 8.
+    #[config(default = 8)]
+    pub heads: usize,
+    /// Hidden width of the feed-forward, as a multiple of `dim`. Default 4.
+    #[config(default = 4.0)]
+    pub ff_mult: f64,
+    /// Attention weights by coordinate descent instead of softmax. Default false.
+    #[config(default = false)]
+    pub attn_use_coor_descent: bool,
+    /// Feed-forward activation by coordinate descent instead of GELU. Default false.
+    #[config(default = false)]
+    pub ff_use_coor_descent: bool,
+    /// Keys each query selects (k of the attention's soft top-k; with learned k, its
+    /// maximum). Default 2.
+    #[config(default = 2.0)]
+    pub attn_coor_descent_sparsity_k: f64,
+    /// Hidden units each token activates (k of the feed-forward's soft top-k). Default 2.
+    #[config(default = 2.0)]
+    pub ff_coor_descent_sparsity_k: f64,
+    /// Coordinate descent iterations. Default 15.
+    #[config(default = 15)]
+    pub coor_descent_iters: usize,
+    /// Final coordinate descent temperature. Default 0.1.
+    #[config(default = 0.1)]
+    pub coor_descent_eps: f64,
+    /// Learned null keys/values per head, visible to every query. Default 0.
+    #[config(default = 0)]
+    pub attn_null_kv: usize,
+    /// Each query's k is learned: `sigmoid(x·W + b)·(k − 1) + 1`. Default false.
+    #[config(default = false)]
+    pub learned_sparsity_k: bool,
+}
+
+/// Attention of the coordinate-descent-attention model: causal, with optional null
+/// keys/values, and weights that are either a softmax or a soft top-k of each query's
+/// similarities (not normalised: a query's weights sum to about k).
+///
+/// PyTorch parameters: `norm.{weight,bias}` (LayerNorm), `null_kv [2, heads, null, dim_head]`
+/// (when null > 0), `to_qkv.weight [3·heads·dim_head, dim]`, `to_out.weight [dim,
+/// heads·dim_head]`, `to_learned_k.{weight [heads, dim], bias}` (learned k).
+#[derive(Module, Debug)]
+pub struct CdAttention<B: Backend> {
+    /// Normalises the input.
+    pub norm: LayerNorm<B>,
+    /// Null keys (index 0) and values (index 1), `[2, heads, null, dim_head]`.
+    pub null_kv: Option<Param<Tensor<B, 4>>>,
+    /// Joint query/key/value projection.
+    pub to_qkv: Linear<B>,
+    /// Output projection.
+    pub to_out: Linear<B>,
+    /// Per-query, per-head k (learned sparsity).
+    pub to_learned_k: Option<Linear<B>>,
+    heads: usize,
+    /// k of the soft top-k; `None`: softmax attention.
+    sparsity_k: Option<f64>,
+    coor_descent: CoorDescentConfig,
+}
+
+/// Feed-forward of the coordinate-descent-attention model: LayerNorm → Linear → GELU or a
+/// soft top-k over the hidden units → Linear.
+///
+/// PyTorch parameters: `proj_in.0.{weight,bias}` (LayerNorm), `proj_in.1.{weight,bias}`,
+/// `proj_out.{weight,bias}`.
+#[derive(Module, Debug)]
+pub struct CdFeedForward<B: Backend> {
+    /// Normalises the input (PyTorch `proj_in.0`).
+    pub norm: LayerNorm<B>,
+    /// Into the hidden width (PyTorch `proj_in.1`).
+    pub proj_in: Linear<B>,
+    /// Back to the model width.
+    pub proj_out: Linear<B>,
+    /// k of the soft top-k; `None`: GELU.
+    sparsity_k: Option<f64>,
+    coor_descent: CoorDescentConfig,
+}
+
+/// One block: `x ← attention(x) + x; x ← feed_forward(x) + x`.
+///
+/// PyTorch parameters: `0.*` ([`CdAttention`]) and `1.*` ([`CdFeedForward`]).
+#[derive(Module, Debug)]
+pub struct CdBlock<B: Backend> {
+    /// The attention (PyTorch `0`).
+    pub attention: CdAttention<B>,
+    /// The feed-forward (PyTorch `1`).
+    pub feed_forward: CdFeedForward<B>,
+}
+
+/// The coordinate-descent-attention language model: token and learned absolute position
+/// embeddings, [`CdBlock`]s, LayerNorm and a linear map to logits (untied, as the
+/// reference).
+///
+/// PyTorch parameters: `token_emb.weight`, `pos_emb.weight`, `layers.{i}.*`,
+/// `to_logits.0.{weight,bias}`, `to_logits.1.{weight,bias}`.
+///
+/// Shapes: tokens `[batch, n]` (n ≤ `seq_len`) → logits `[batch, n, num_tokens]`.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Int, Tensor};
+/// use colt5::lm::{CdTransformerConfig, LanguageModel};
+///
+/// let device = Default::default();
+/// let model = CdTransformerConfig::new(256, 32, 64, 2)
+///     .with_heads(2)
+///     .with_dim_head(16)
+///     .with_attn_use_coor_descent(true)
+///     .init::<NdArray>(&device)
+///     .unwrap();
+/// let tokens = Tensor::<NdArray, 2, Int>::from_ints([[1, 2, 3, 4]], &device);
+/// assert_eq!(model.forward(tokens).unwrap().dims(), [1, 4, 256]);
+/// ```
+#[derive(Module, Debug)]
+pub struct CdTransformer<B: Backend> {
+    /// Token embedding.
+    pub token_emb: Embedding<B>,
+    /// Learned absolute position embedding.
+    pub pos_emb: Embedding<B>,
+    /// The blocks.
+    pub layers: Vec<CdBlock<B>>,
+    /// Final normalisation (PyTorch `to_logits.0`).
+    pub logits_norm: LayerNorm<B>,
+    /// Logits (PyTorch `to_logits.1`).
+    pub to_logits: Linear<B>,
+    num_tokens: usize,
+    seq_len: usize,
+}
+
+impl CdTransformerConfig {
+    /// A model with PyTorch's default initialisation.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<CdTransformer<B>> {
+        let hidden = (self.dim as f64 * self.ff_mult) as usize;
+        for (name, k, limit) in [
+            (
+                "attn_coor_descent_sparsity_k",
+                self.attn_coor_descent_sparsity_k,
+                f64::INFINITY,
+            ),
+            (
+                "ff_coor_descent_sparsity_k",
+                self.ff_coor_descent_sparsity_k,
+                hidden as f64,
+            ),
+        ] {
+            if !(k > 0.0 && k <= limit) {
+                return Err(Error::config(name, k, format!("a number in (0, {limit}]")));
+            }
+        }
+        if self.learned_sparsity_k && self.attn_coor_descent_sparsity_k < 1.0 {
+            return Err(Error::config(
+                "attn_coor_descent_sparsity_k",
+                self.attn_coor_descent_sparsity_k,
+                "at least 1 with learned sparsity k",
+            ));
+        }
+        if self.num_tokens == 0 || self.seq_len == 0 || self.dim == 0 || hidden == 0 {
+            return Err(Error::config(
+                "num_tokens, seq_len, dim, ff_mult",
+                format!(
+                    "{}, {}, {}, {}",
+                    self.num_tokens, self.seq_len, self.dim, self.ff_mult
+                ),
+                "positive sizes",
+            ));
+        }
+        let coor_descent = schedule(self.coor_descent_iters, self.coor_descent_eps);
+        coor_descent.check()?;
+        let inner = self.heads * self.dim_head;
+        let linear =
+            |d_in, d_out, bias| LinearConfig::new(d_in, d_out).with_bias(bias).init(device);
+        let layers = (0..self.depth)
+            .map(|_| CdBlock {
+                attention: CdAttention {
+                    norm: LayerNormConfig::new(self.dim).init(device),
+                    null_kv: (self.attn_null_kv > 0).then(|| {
+                        Param::from_tensor(Tensor::random(
+                            [2, self.heads, self.attn_null_kv, self.dim_head],
+                            Distribution::Normal(0.0, 1.0),
+                            device,
+                        ))
+                    }),
+                    to_qkv: linear(self.dim, 3 * inner, false),
+                    to_out: linear(inner, self.dim, false),
+                    to_learned_k: (self.attn_use_coor_descent && self.learned_sparsity_k).then(
+                        || {
+                            let mut layer = linear(self.dim, self.heads, true);
+                            // Start every query's k near 1.
+                            layer.bias = Some(Param::from_tensor(
+                                Tensor::ones([self.heads], device).mul_scalar(-10.0),
+                            ));
+                            layer
+                        },
+                    ),
+                    heads: self.heads,
+                    sparsity_k: self
+                        .attn_use_coor_descent
+                        .then_some(self.attn_coor_descent_sparsity_k),
+                    coor_descent: coor_descent.clone(),
+                },
+                feed_forward: CdFeedForward {
+                    norm: LayerNormConfig::new(self.dim).init(device),
+                    proj_in: linear(self.dim, hidden, true),
+                    proj_out: linear(hidden, self.dim, true),
+                    sparsity_k: self
+                        .ff_use_coor_descent
+                        .then_some(self.ff_coor_descent_sparsity_k),
+                    coor_descent: coor_descent.clone(),
+                },
+            })
+            .collect();
+        Ok(CdTransformer {
+            token_emb: EmbeddingConfig::new(self.num_tokens, self.dim).init(device),
+            pos_emb: EmbeddingConfig::new(self.seq_len, self.dim).init(device),
+            layers,
+            logits_norm: LayerNormConfig::new(self.dim).init(device),
+            to_logits: linear(self.dim, self.num_tokens, true),
+            num_tokens: self.num_tokens,
+            seq_len: self.seq_len,
+        })
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct CdCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+}
+
+impl<B: Backend> CdCache<B> {
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<B: CoorDescentBackend> CdAttention<B> {
+    /// Attends each of the `n` tokens of `x: [batch, n, dim]` to itself, the tokens before it,
+    /// and the cached tokens (which come before all of them).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> crate::Result<Tensor<B, 3>> {
+        let [batch, queries, _] = x.dims();
+        let device = x.device();
+        let x = self.norm.forward(x);
+        let [q, mut k, mut v] = split_heads::<B, 3>(self.to_qkv.forward(x.clone()), self.heads);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
+        if let Some(null_kv) = &self.null_kv {
+            let [_, heads, null, dim_head] = null_kv.dims();
+            let null = |i| {
+                null_kv
+                    .val()
+                    .narrow(0, i, 1)
+                    .reshape([1, heads, null, dim_head])
+                    .expand([batch, heads, null, dim_head])
+            };
+            k = Tensor::cat(vec![null(0), k], 2);
+            v = Tensor::cat(vec![null(1), v], 2);
+        }
+        let [_, heads, keys, dim_head] = k.dims();
+        let sim = q
+            .mul_scalar((dim_head as f64).powf(-0.5))
+            .matmul(k.swap_dims(2, 3));
+        // Query i (of the last `queries` positions) sees keys j ≤ i + keys − queries.
+        let rows = Tensor::<B, 1, Int>::arange(0..queries as i64, &device)
+            .add_scalar((keys - queries) as i64)
+            .reshape([queries, 1])
+            .expand([queries, keys]);
+        let cols = Tensor::<B, 1, Int>::arange(0..keys as i64, &device)
+            .reshape([1, keys])
+            .expand([queries, keys]);
+        let visible: Tensor<B, 4, Bool> = cols.lower_equal(rows).reshape([1, 1, queries, keys]);
+        let attn = match self.sparsity_k {
+            Some(sparsity_k) => {
+                // A row has `keys` entries: k above that would saturate every key anyway.
+                let k = match &self.to_learned_k {
+                    Some(to_k) => RowK::PerRow(
+                        sigmoid(to_k.forward(x))
+                            .mul_scalar(sparsity_k - 1.0)
+                            .add_scalar(1.0)
+                            .swap_dims(1, 2)
+                            .reshape([batch * heads * queries])
+                            .clamp_max(keys as f64),
+                    ),
+                    None => RowK::Scalar(sparsity_k.min(keys as f64)),
+                };
+                coor_descent(sim, k, Some(visible), &self.coor_descent)?
+            }
+            None => activation::softmax(
+                sim.mask_fill(
+                    visible.bool_not().expand([batch, heads, queries, keys]),
+                    f64::from(f32::MIN),
+                ),
+                3,
+            ),
+        };
+        Ok(self.to_out.forward(merge_heads(attn.matmul(v))))
+    }
+}
+
+impl<B: CoorDescentBackend> CdFeedForward<B> {
+    /// Applies the feed-forward to `[batch, n, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> crate::Result<Tensor<B, 3>> {
+        let hidden = self.proj_in.forward(self.norm.forward(x));
+        let hidden = match self.sparsity_k {
+            Some(k) => coor_descent(hidden, k, None, &self.coor_descent)?,
+            None => exact_gelu(hidden),
+        };
+        Ok(self.proj_out.forward(hidden))
+    }
+}
+
+impl<B: CoorDescentBackend> CdTransformer<B> {
+    /// An empty cache for [`CdTransformer::forward_cached`].
+    pub fn empty_cache(&self) -> CdCache<B> {
+        CdCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    /// Logits of `tokens: [batch, n]` that follow the cached tokens; the cache grows by n.
+    /// Cached and uncached decoding compute the same function; the cache may hold at most
+    /// `seq_len` tokens (positions are absolute).
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut CdCache<B>,
+    ) -> crate::Result<Tensor<B, 3>> {
+        let [batch, n] = tokens.dims();
+        if cache.len + n > self.seq_len {
+            return Err(Error::Shape {
+                name: "tokens",
+                actual: vec![batch, cache.len + n],
+                expected: format!("at most seq_len = {} positions", self.seq_len),
+            });
+        }
+        check_tokens(&tokens, self.num_tokens)?;
+        let device = tokens.device();
+        let positions =
+            Tensor::<B, 1, Int>::arange(cache.len as i64..(cache.len + n) as i64, &device)
+                .reshape([1, n]);
+        let mut x = self.token_emb.forward(tokens) + self.pos_emb.forward(positions);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.attention.forward(x.clone(), Some(layer_cache))? + x;
+            x = layer.feed_forward.forward(x.clone())? + x;
+        }
+        cache.len += n;
+        Ok(self.to_logits.forward(self.logits_norm.forward(x)))
+    }
+}
+
+impl<B: CoorDescentBackend> LanguageModel<B> for CdTransformer<B> {
+    fn forward(&self, tokens: Tensor<B, 2, Int>) -> crate::Result<Tensor<B, 3>> {
+        let [batch, n] = tokens.dims();
+        if n == 0 {
+            return Err(Error::Shape {
+                name: "tokens",
+                actual: vec![batch, n],
+                expected: format!("[batch, 1..={}] (seq_len)", self.seq_len),
+            });
+        }
+        self.forward_cached(tokens, &mut self.empty_cache())
+    }
+
+    fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    fn device(&self) -> B::Device {
+        self.to_logits.weight.device()
+    }
+
+    /// Decodes with a key/value cache while the sequence fits in `seq_len`, then (positions
+    /// being absolute) recomputes the last `seq_len` tokens at each step, as the reference.
+    fn decoder(&self) -> Box<dyn Decoder + '_> {
+        Box::new(CachedDecoder {
+            model: self,
+            cache: self.empty_cache(),
+        })
+    }
+}
+
+/// Incremental decoding of a [`CdTransformer`].
+struct CachedDecoder<'a, B: Backend> {
+    model: &'a CdTransformer<B>,
+    cache: CdCache<B>,
+}
+
+impl<B: CoorDescentBackend> Decoder for CachedDecoder<'_, B> {
+    fn next_logits(&mut self, tokens: &[i64]) -> crate::Result<Vec<f64>> {
+        let device = self.model.device();
+        if tokens.len() > self.model.seq_len || tokens.len() <= self.cache.len {
+            let window = &tokens[tokens.len().saturating_sub(self.model.seq_len)..];
+            return last_logits(self.model.forward(token_tensor::<B>(window, &device)?)?);
+        }
+        let new = token_tensor::<B>(&tokens[self.cache.len..], &device)?;
+        last_logits(self.model.forward_cached(new, &mut self.cache)?)
+    }
+}
