@@ -1,7 +1,13 @@
 //! `colt5`: the command-line tool of the colt5 library.
 
+mod backend;
+mod checkpoint;
+mod data;
 mod demo;
+mod generate;
 mod parity;
+mod plot;
+mod train;
 
 use std::process::ExitCode;
 
@@ -24,6 +30,11 @@ enum Command {
     /// Run every golden case file (PyTorch reference tensors) in a directory against colt5
     /// and report the differences.
     Parity(parity::ParityArgs),
+    /// Train a byte-level language model on a text file (or the bundled corpus), with
+    /// checkpoints, resumption, a metrics CSV and a loss plot.
+    Train(train::TrainArgs),
+    /// Generate text from a trained checkpoint.
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +49,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Parity(args) => parity::run(&args),
+        Command::Train(args) => train::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Generate(args) => generate::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,55 @@
+//! Choosing where a command runs.
+
+use anyhow::Result;
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::backend::AutodiffBackend;
+use colt5::coor_descent::CoorDescentBackend;
+
+/// The devices a command can run on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum BackendKind {
+    /// The CPU (burn's `NdArray`, f32).
+    Cpu,
+    /// The first CUDA GPU (requires a build with `--features cuda`).
+    Cuda,
+}
+
+/// A command body, generic over the backend it runs on.
+pub trait Job {
+    /// What it returns.
+    type Output;
+
+    /// Runs on backend `B` (with autodiff; its inner backend serves inference).
+    fn run<B>(self, device: &B::Device) -> Result<Self::Output>
+    where
+        B: AutodiffBackend + CoorDescentBackend,
+        B::InnerBackend: CoorDescentBackend;
+}
+
+/// Runs `job` on the chosen backend.
+pub fn run_on<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
+    match kind {
+        BackendKind::Cpu => job.run::<Autodiff<NdArray<f32>>>(&Default::default()),
+        BackendKind::Cuda => cuda(job),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda<J: Job>(job: J) -> Result<J::Output> {
+    use burn::backend::{cuda::CudaDevice, Cuda};
+    use burn::tensor::Tensor;
+    let device = CudaDevice::default();
+    // burn panics when no GPU or driver is present: probe once and turn that into an error.
+    let probe = std::panic::catch_unwind(|| {
+        Tensor::<Cuda, 1>::zeros([1], &device).into_scalar();
+    });
+    if probe.is_err() {
+        anyhow::bail!("no usable CUDA GPU found (is the NVIDIA driver installed?)");
+    }
+    job.run::<Autodiff<Cuda>>(&device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda<J: Job>(_job: J) -> Result<J::Output> {
+    anyhow::bail!("this colt5 was built without CUDA support: rebuild with `--features cuda`")
+}
