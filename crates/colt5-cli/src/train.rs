@@ -384,7 +384,7 @@ where
             )?;
         }
         if config.sample_every > 0 && step % config.sample_every == 0 {
-            let text = sample_text(&model.valid(), &corpus.valid, &config, device)?;
+            let text = sample_text(&model.valid(), &corpus.valid, &config)?;
             progress.suspend(|| tracing::info!("sample at step {step}:\n{text}"));
         }
     }
@@ -394,10 +394,7 @@ where
         "test loss {test:.4} nats/byte ({:.3} bits/byte)",
         test / std::f64::consts::LN_2
     );
-    println!(
-        "{}",
-        sample_text(&model.valid(), &corpus.valid, &config, device)?
-    );
+    println!("{}", sample_text(&model.valid(), &corpus.valid, &config)?);
     Ok(())
 }
 
@@ -435,7 +432,6 @@ fn sample_text<B: CoorDescentBackend>(
     model: &CdTransformer<B>,
     bytes: &[u8],
     config: &TrainConfig,
-    _device: &B::Device,
 ) -> Result<String> {
     let prompt: Vec<i64> = bytes[..bytes.len().min(64)]
         .iter()
@@ -462,14 +458,19 @@ fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     grads: &mut GradientsParams,
     max_norm: f64,
 ) -> f64 {
-    struct SquaredNorm<'a> {
+    // Summed on the device, read back once.
+    struct SquaredNorm<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
-        total: f64,
+        total: Option<Tensor<B::InnerBackend, 1>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                self.total += g.square().sum().into_scalar().elem::<f64>();
+                let squares = g.square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squares,
+                    None => squares,
+                });
             }
         }
     }
@@ -485,9 +486,12 @@ fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
             }
         }
     }
-    let mut norm = SquaredNorm { grads, total: 0.0 };
+    let mut norm = SquaredNorm::<B> { grads, total: None };
     model.visit(&mut norm);
-    let total = norm.total.sqrt();
+    let total = norm
+        .total
+        .map_or(0.0, |t| t.into_scalar().elem::<f64>())
+        .sqrt();
     if total > max_norm {
         model.visit(&mut Scale {
             grads,

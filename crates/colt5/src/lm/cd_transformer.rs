@@ -2,12 +2,14 @@
 //! attention whose weights over the keys, and a feed-forward whose hidden activations, are
 //! soft top-k masks computed by coordinate descent.
 
+use std::marker::PhantomData;
+
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Bool, Distribution, Int, Tensor};
 
-use super::{check_tokens, last_logits, token_tensor, Decoder, LanguageModel};
+use super::{check_tokens, last_logits, token_tensor, Decoder, LanguageModel, Recompute};
 use crate::attention::{merge_heads, split_heads};
 use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
 use crate::error::Error;
@@ -446,12 +448,14 @@ struct CachedDecoder<'a, B: Backend> {
 
 impl<B: CoorDescentBackend> Decoder for CachedDecoder<'_, B> {
     fn next_logits(&mut self, tokens: &[i64]) -> crate::Result<Vec<f64>> {
-        let device = self.model.device();
         if tokens.len() > self.model.seq_len || tokens.len() <= self.cache.len {
-            let window = &tokens[tokens.len().saturating_sub(self.model.seq_len)..];
-            return last_logits(self.model.forward(token_tensor::<B>(window, &device)?)?);
+            return Recompute {
+                model: self.model,
+                backend: PhantomData,
+            }
+            .next_logits(tokens);
         }
-        let new = token_tensor::<B>(&tokens[self.cache.len..], &device)?;
+        let new = token_tensor::<B>(&tokens[self.cache.len..], &self.model.device())?;
         last_logits(self.model.forward_cached(new, &mut self.cache)?)
     }
 }

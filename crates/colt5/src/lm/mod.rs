@@ -9,7 +9,7 @@ pub use cd_transformer::{
 };
 pub use sampling::{generate, Decoder, Sampler, SamplerConfig};
 
-pub(crate) use sampling::{last_logits, token_tensor};
+pub(crate) use sampling::{last_logits, token_tensor, Recompute};
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -36,7 +36,7 @@ pub trait LanguageModel<B: Backend> {
     where
         Self: Sized,
     {
-        Box::new(sampling::Recompute {
+        Box::new(Recompute {
             model: self,
             backend: std::marker::PhantomData,
         })
