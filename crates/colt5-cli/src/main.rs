@@ -1,10 +1,12 @@
 //! `colt5`: the command-line tool of the colt5 library.
 
 mod backend;
+mod bench;
 mod checkpoint;
 mod data;
 mod demo;
 mod generate;
+mod model;
 mod parity;
 mod plot;
 mod train;
@@ -35,6 +37,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Generate text from a trained checkpoint.
     Generate(generate::GenerateArgs),
+    /// Time training steps or kernels and print markdown tables.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Command::Parity(args) => parity::run(&args),
         Command::Train(args) => train::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -12,7 +12,8 @@ use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion, Int, Tensor, TensorData};
 use colt5::coor_descent::CoorDescentBackend;
 use colt5::lm::{
-    generate, next_token_loss, CdTransformer, CdTransformerConfig, LanguageModel, SamplerConfig,
+    generate, next_token_loss, CdTransformerConfig, Colt5TransformerConfig, LanguageModel,
+    SamplerConfig,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
@@ -22,14 +23,15 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{run_on, BackendKind, Job};
 use crate::checkpoint::{self, State};
 use crate::data::{self, Corpus};
+use crate::model::{Lm, ModelConfig, ModelKind};
 use crate::plot;
 
 /// Everything that defines a training run.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// The coordinate-descent-attention model.
-    pub model: CdTransformerConfig,
+    /// The model and its architecture.
+    pub model: ModelConfig,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -69,15 +71,28 @@ pub enum Preset {
 }
 
 impl Preset {
-    fn config(self) -> TrainConfig {
+    /// The preset for architecture `kind`. The CoLT5 variants have the sizes of the
+    /// coordinate-descent ones (the recipe exists only for the latter; for CoLT5 it is a
+    /// model of the same width, depth and length).
+    fn config(self, kind: ModelKind) -> TrainConfig {
         match self {
             Preset::Small => TrainConfig {
-                model: CdTransformerConfig::new(256, 128, 128, 2)
-                    .with_heads(4)
-                    .with_dim_head(32)
-                    .with_attn_use_coor_descent(true)
-                    .with_attn_coor_descent_sparsity_k(2.0)
-                    .with_coor_descent_iters(15),
+                model: match kind {
+                    ModelKind::CdAttention => ModelConfig::CdAttention(
+                        CdTransformerConfig::new(256, 128, 128, 2)
+                            .with_heads(4)
+                            .with_dim_head(32)
+                            .with_attn_use_coor_descent(true)
+                            .with_attn_coor_descent_sparsity_k(2.0)
+                            .with_coor_descent_iters(15),
+                    ),
+                    ModelKind::Colt5 => ModelConfig::Colt5(
+                        Colt5TransformerConfig::new(256, 128, 128, 2)
+                            .with_window_size(32)
+                            .with_num_heavy_tokens_kv(32)
+                            .with_num_heavy_ff_tokens(8),
+                    ),
+                },
                 batch_size: 8,
                 grad_accum: 1,
                 lr: 2e-3,
@@ -92,14 +107,26 @@ impl Preset {
                 sample_len: 256,
             },
             Preset::Recipe => TrainConfig {
-                model: CdTransformerConfig::new(256, 512, 512, 8)
-                    .with_heads(8)
-                    .with_dim_head(64)
-                    .with_attn_use_coor_descent(true)
-                    .with_ff_use_coor_descent(true)
-                    .with_attn_coor_descent_sparsity_k(2.0)
-                    .with_ff_coor_descent_sparsity_k(128.0)
-                    .with_coor_descent_iters(25),
+                model: match kind {
+                    ModelKind::CdAttention => ModelConfig::CdAttention(
+                        CdTransformerConfig::new(256, 512, 512, 8)
+                            .with_heads(8)
+                            .with_dim_head(64)
+                            .with_attn_use_coor_descent(true)
+                            .with_ff_use_coor_descent(true)
+                            .with_attn_coor_descent_sparsity_k(2.0)
+                            .with_ff_coor_descent_sparsity_k(128.0)
+                            .with_coor_descent_iters(25),
+                    ),
+                    ModelKind::Colt5 => ModelConfig::Colt5(
+                        Colt5TransformerConfig::new(256, 512, 512, 8)
+                            .with_window_size(128)
+                            .with_heads(8)
+                            .with_dim_head(64)
+                            .with_num_heavy_tokens_kv(128)
+                            .with_num_heavy_ff_tokens(32),
+                    ),
+                },
                 batch_size: 4,
                 grad_accum: 4,
                 lr: 1e-4,
@@ -130,6 +157,10 @@ pub struct TrainArgs {
     /// Starting configuration.
     #[arg(long, value_enum, default_value = "small")]
     preset: Preset,
+    /// Architecture of the preset (a config file names its own; they must agree).
+    /// Default: cd-attention.
+    #[arg(long, value_enum)]
+    model: Option<ModelKind>,
     /// A configuration file (TOML or JSON, the fields of `config.json` in a checkpoint)
     /// replacing the preset.
     #[arg(long)]
@@ -177,8 +208,18 @@ impl TrainArgs {
     fn config(&self) -> Result<TrainConfig> {
         let mut config = match &self.config {
             Some(path) => read_config(path)?,
-            None => self.preset.config(),
+            None => self
+                .preset
+                .config(self.model.unwrap_or(ModelKind::CdAttention)),
         };
+        if let Some(kind) = self.model {
+            if kind != config.model.kind() {
+                bail!(
+                    "--model {kind:?} disagrees with the config file's model kind {:?}",
+                    config.model.kind()
+                );
+            }
+        }
         let set = |target: &mut usize, value: Option<usize>| {
             if let Some(v) = value {
                 *target = v;
@@ -187,9 +228,10 @@ impl TrainArgs {
         set(&mut config.steps, self.steps);
         set(&mut config.batch_size, self.batch_size);
         set(&mut config.grad_accum, self.grad_accum);
-        set(&mut config.model.seq_len, self.seq_len);
-        set(&mut config.model.dim, self.dim);
-        set(&mut config.model.depth, self.depth);
+        let sizes = config.model.sizes();
+        set(sizes.seq_len, self.seq_len);
+        set(sizes.dim, self.dim);
+        set(sizes.depth, self.depth);
         set(&mut config.eval_every, self.eval_every);
         set(&mut config.checkpoint_every, self.checkpoint_every);
         if let Some(lr) = self.lr {
@@ -215,6 +257,8 @@ fn read_config(path: &Path) -> Result<TrainConfig> {
 impl TrainConfig {
     /// Rejects values no run can use, naming the field.
     pub fn check(&self) -> Result<()> {
+        let mut model = self.model.clone();
+        let sizes = model.sizes();
         for (name, value) in [
             ("steps", self.steps),
             ("batch_size", self.batch_size),
@@ -223,9 +267,9 @@ impl TrainConfig {
             ("eval_batches", self.eval_batches),
             ("checkpoint_every", self.checkpoint_every),
             ("keep_checkpoints", self.keep_checkpoints),
-            ("model.seq_len", self.model.seq_len),
-            ("model.dim", self.model.dim),
-            ("model.depth", self.model.depth),
+            ("model.seq_len", *sizes.seq_len),
+            ("model.dim", *sizes.dim),
+            ("model.depth", *sizes.depth),
         ] {
             if value == 0 {
                 bail!("invalid config value: {name} = 0 (must be at least 1)");
@@ -242,10 +286,10 @@ impl TrainConfig {
                 bail!("invalid config value: clip_norm = {clip} (must be > 0)");
             }
         }
-        if self.model.num_tokens != 256 {
+        if *sizes.num_tokens != 256 {
             bail!(
                 "invalid config value: model.num_tokens = {} (byte-level models need 256)",
-                self.model.num_tokens
+                sizes.num_tokens
             );
         }
         Ok(())
@@ -296,14 +340,14 @@ where
     };
     config.check()?;
     let corpus = Corpus::load(args.data.as_deref())?;
-    corpus.check(config.model.seq_len + 1)?;
+    corpus.check(config.model.seq_len() + 1)?;
 
     B::seed(device, config.seed);
     let mut model = config
         .model
         .init::<B>(device)
         .context("invalid model configuration")?;
-    let mut optimizer = AdamConfig::new().init::<B, CdTransformer<B>>();
+    let mut optimizer = AdamConfig::new().init::<B, Lm<B>>();
     let mut start = 0;
     if let Some((step, checkpoint)) = &resume_from {
         model = checkpoint::load_model(checkpoint, model, device)?;
@@ -321,7 +365,7 @@ where
         model.num_params()
     );
 
-    let tokens_per_step = config.batch_size * config.grad_accum * config.model.seq_len;
+    let tokens_per_step = config.batch_size * config.grad_accum * config.model.seq_len();
     let progress = ProgressBar::new(config.steps as u64).with_position(start as u64);
     progress.set_style(
         ProgressStyle::with_template(
@@ -405,14 +449,14 @@ fn batch<B: burn::tensor::backend::Backend>(
     rng: &mut ChaCha8Rng,
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
-    let len = config.model.seq_len + 1;
+    let len = config.model.seq_len() + 1;
     let ids = data::sample(bytes, config.batch_size, len, rng);
     Tensor::from_data(TensorData::new(ids, [config.batch_size, len]), device)
 }
 
 /// The mean loss over the same `eval_batches` validation batches at every evaluation.
 fn validation_loss<B: CoorDescentBackend>(
-    model: &CdTransformer<B>,
+    model: &Lm<B>,
     bytes: &[u8],
     config: &TrainConfig,
     device: &B::Device,
@@ -429,7 +473,7 @@ fn validation_loss<B: CoorDescentBackend>(
 
 /// `sample_len` bytes generated after a prompt from the start of the validation text.
 fn sample_text<B: CoorDescentBackend>(
-    model: &CdTransformer<B>,
+    model: &Lm<B>,
     bytes: &[u8],
     config: &TrainConfig,
 ) -> Result<String> {

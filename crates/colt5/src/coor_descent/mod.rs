@@ -56,13 +56,14 @@
 
 mod autodiff;
 mod converged;
+mod cpu;
 mod iterative;
 
 use burn::config::Config;
 use burn::tensor::{
     backend::Backend,
     ops::{BoolTensor, FloatTensor},
-    Bool, Tensor, TensorPrimitive,
+    Bool, Tensor, TensorData, TensorPrimitive,
 };
 use serde::{Deserialize, Serialize};
 
@@ -142,6 +143,18 @@ impl CoorDescentConfig {
             eps_init,
             eps_decay,
         })
+    }
+
+    /// The temperature schedule of the iterative solver; `None` for the converged one.
+    pub(crate) fn schedule(&self) -> Option<Schedule> {
+        match self.solver {
+            Solver::Iterations {
+                n_iters,
+                eps_init,
+                eps_decay,
+            } => Some(Schedule::new(n_iters, self.eps, eps_init, eps_decay)),
+            Solver::Converged { .. } => None,
+        }
     }
 
     /// Checks every option; the error names the first invalid one.
@@ -251,29 +264,7 @@ pub trait CoorDescentBackend: Backend {
         mask: Option<BoolTensor<Self>>,
         config: &CoorDescentConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
-        let scores = float::<Self>(scores);
-        let k = float::<Self>(k);
-        let mask = mask.map(Tensor::<Self, 2, Bool>::from_primitive);
-        let (output, thresholds, passes) = match config.solver {
-            Solver::Iterations {
-                n_iters,
-                eps_init,
-                eps_decay,
-            } => {
-                let schedule = Schedule::new(n_iters, config.eps, eps_init, eps_decay);
-                let (y, a) = iterative::forward(scores, k, mask.as_ref(), &schedule);
-                (y, a, n_iters)
-            }
-            Solver::Converged {
-                tolerance,
-                max_passes,
-            } => converged::forward(scores, k, mask.as_ref(), config.eps, tolerance, max_passes),
-        };
-        (
-            primitive(output),
-            primitive(thresholds),
-            SolveStats { passes },
-        )
+        portable_solve::<Self>(scores, k, mask, config)
     }
 
     /// Gradients of the loss with respect to the scores and to k, given the gradient with
@@ -286,26 +277,61 @@ pub trait CoorDescentBackend: Backend {
         grad: FloatTensor<Self>,
         config: &CoorDescentConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let scores = float::<Self>(scores);
-        let mask = mask.map(Tensor::<Self, 2, Bool>::from_primitive);
-        let thresholds = float::<Self>(thresholds);
-        let grad = float::<Self>(grad);
-        let (d_scores, d_k) = match config.solver {
-            Solver::Iterations {
-                n_iters,
-                eps_init,
-                eps_decay,
-            } => {
-                let schedule = Schedule::new(n_iters, config.eps, eps_init, eps_decay);
-                let k = float::<Self>(k);
-                iterative::backward(scores, k, mask.as_ref(), thresholds, grad, &schedule)
-            }
-            Solver::Converged { .. } => {
-                converged::backward(scores, mask.as_ref(), thresholds, grad, config.eps)
-            }
-        };
-        (primitive(d_scores), primitive(d_k))
+        portable_backward::<Self>(scores, k, mask, thresholds, grad, config)
     }
+}
+
+/// The portable solver: tensor operations of any backend.
+fn portable_solve<B: Backend>(
+    scores: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    config: &CoorDescentConfig,
+) -> (FloatTensor<B>, FloatTensor<B>, SolveStats) {
+    let scores = float::<B>(scores);
+    let k = float::<B>(k);
+    let mask = mask.map(Tensor::<B, 2, Bool>::from_primitive);
+    let (output, thresholds, passes) = match config.solver {
+        Solver::Converged {
+            tolerance,
+            max_passes,
+        } => converged::forward(scores, k, mask.as_ref(), config.eps, tolerance, max_passes),
+        Solver::Iterations { n_iters, .. } => {
+            let schedule = config
+                .schedule()
+                .expect("the iterative solver has a schedule");
+            let (y, a) = iterative::forward(scores, k, mask.as_ref(), &schedule);
+            (y, a, n_iters)
+        }
+    };
+    (
+        primitive(output),
+        primitive(thresholds),
+        SolveStats { passes },
+    )
+}
+
+/// The portable reverse sweep: tensor operations of any backend.
+fn portable_backward<B: Backend>(
+    scores: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    thresholds: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    config: &CoorDescentConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let scores = float::<B>(scores);
+    let mask = mask.map(Tensor::<B, 2, Bool>::from_primitive);
+    let thresholds = float::<B>(thresholds);
+    let grad = float::<B>(grad);
+    let (d_scores, d_k) = match config.schedule() {
+        Some(schedule) => {
+            let k = float::<B>(k);
+            iterative::backward(scores, k, mask.as_ref(), thresholds, grad, &schedule)
+        }
+        None => converged::backward(scores, mask.as_ref(), thresholds, grad, config.eps),
+    };
+    (primitive(d_scores), primitive(d_k))
 }
 
 fn float<B: Backend>(tensor: FloatTensor<B>) -> Tensor<B, 2> {
@@ -324,18 +350,105 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
+    /// The fused row loop of `cpu.rs` for the iterative solver.
+    fn coor_descent_solve(
+        scores: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        config: &CoorDescentConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
+        let Some(schedule) = config.schedule() else {
+            return portable_solve::<Self>(scores, k, mask, config);
+        };
+        let host = HostRows::<Self>::read(scores, k, mask);
+        let (y, thresholds) = cpu::forward(&host.rows(), &schedule);
+        let steps = schedule.iterations.len();
+        (
+            host.tensor(y, [host.count, host.n]),
+            host.tensor(thresholds, [host.count, steps]),
+            SolveStats { passes: steps },
+        )
+    }
+
+    /// The fused reverse sweep of `cpu.rs` for the iterative solver.
+    fn coor_descent_backward(
+        scores: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        thresholds: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        config: &CoorDescentConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(schedule) = config.schedule() else {
+            return portable_backward::<Self>(scores, k, mask, thresholds, grad, config);
+        };
+        let host = HostRows::<Self>::read(scores, k, mask);
+        let grad = host_values::<Self>(grad);
+        let (d_scores, d_k) = cpu::backward(&host.rows(), &grad, &schedule);
+        (
+            host.tensor(d_scores, [host.count, host.n]),
+            host.tensor(d_k, [host.count, 1]),
+        )
+    }
 }
 
-/// CubeCL backends (CUDA; `Cuda` is built without burn's fusion layer).
-#[cfg(feature = "cuda")]
-impl<R, F, I, BT> CoorDescentBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::element::BoolElement,
-{
+/// One call's inputs copied to the host in f64.
+struct HostRows<B: Backend> {
+    scores: Vec<f64>,
+    k: Vec<f64>,
+    mask: Option<Vec<bool>>,
+    count: usize,
+    n: usize,
+    device: B::Device,
 }
+
+impl<B: Backend> HostRows<B> {
+    fn read(scores: FloatTensor<B>, k: FloatTensor<B>, mask: Option<BoolTensor<B>>) -> Self {
+        let scores = float::<B>(scores);
+        let [count, n] = scores.dims();
+        let device = scores.device();
+        let mask = mask.map(|m| {
+            Tensor::<B, 2, Bool>::from_primitive(m)
+                .into_data()
+                .convert::<bool>()
+                .to_vec::<bool>()
+                .expect("a boolean mask")
+        });
+        HostRows {
+            scores: host_values::<B>(scores.into_primitive().tensor()),
+            k: host_values::<B>(k),
+            mask,
+            count,
+            n,
+            device,
+        }
+    }
+
+    fn rows(&self) -> cpu::Rows<'_> {
+        cpu::Rows {
+            scores: &self.scores,
+            n: self.n,
+            k: &self.k,
+            mask: self.mask.as_deref(),
+        }
+    }
+
+    fn tensor(&self, values: Vec<f64>, shape: [usize; 2]) -> FloatTensor<B> {
+        let data = TensorData::new(values, shape).convert::<burn::tensor::ops::FloatElem<B>>();
+        primitive(Tensor::<B, 2>::from_data(data, &self.device))
+    }
+}
+
+fn host_values<B: Backend>(tensor: FloatTensor<B>) -> Vec<f64> {
+    float::<B>(tensor)
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("a float tensor")
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod cube;
 
 /// The soft top-k of `scores` over its last axis, k entries per row.
 ///

@@ -2,11 +2,13 @@
 //! next-token loss, and sampling.
 
 mod cd_transformer;
+mod colt5_transformer;
 mod sampling;
 
 pub use cd_transformer::{
     CdAttention, CdBlock, CdCache, CdFeedForward, CdTransformer, CdTransformerConfig,
 };
+pub use colt5_transformer::{Colt5Block, Colt5Transformer, Colt5TransformerConfig};
 pub use sampling::{generate, Decoder, Sampler, SamplerConfig};
 
 pub(crate) use sampling::{last_logits, token_tensor, Recompute};

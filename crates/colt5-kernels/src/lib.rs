@@ -1,0 +1,242 @@
+//! Fused CubeCL kernels of the coordinate-descent soft top-k of colt5: the reference's
+//! iterative solver in one launch, and its exact reverse sweep in another.
+//!
+//! The state of a row is one scalar (DESIGN.md §1): the forward computes the row maximum
+//! once, runs the iterations on the threshold a, writes the output and the T thresholds
+//! a_1..a_T (`rows × T × 4` bytes, all the backward keeps), and the backward recomputes each
+//! iteration's softmax from the scores and a_{t−1}. Scores may be f32, f16 or bf16; the
+//! arithmetic is f32.
+//!
+//! A row is handled by one plane (warp) when it is short (several rows to a cube) and by a
+//! whole cube when it is long. This crate depends only on CubeCL: `colt5` wires it into
+//! burn's CubeCL backends.
+
+mod kernels;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+pub use kernels::{coor_descent_backward, coor_descent_forward};
+
+/// Rows of at most this many entries per plane unit go one plane to a row.
+const PLANE_ROW_ENTRIES_PER_UNIT: usize = 128;
+/// Units of a cube in the plane layout.
+const PLANE_LAYOUT_CUBE: usize = 256;
+/// The most units a long row gets (one cube).
+const MAX_GROUP: usize = 1024;
+/// Shared memory the backward's per-iteration coefficients may take (bytes).
+const COEFFICIENT_BYTES: usize = 16 * 1024;
+/// The most iterations the kernels take.
+pub const MAX_STEPS: usize = 1024;
+
+/// The problem: `rows` rows of `n` entries, row-major and contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    /// Number of rows.
+    pub rows: usize,
+    /// Entries per row.
+    pub n: usize,
+}
+
+/// The temperature schedule: eps_1..eps_T followed by the output temperature.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule(pub Vec<f32>);
+
+impl Schedule {
+    /// Number of iterations T.
+    pub fn steps(&self) -> usize {
+        self.0.len().saturating_sub(1)
+    }
+}
+
+/// Why a launch was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchError {
+    /// The schedule has no iteration, or more than [`MAX_STEPS`].
+    Steps(usize),
+    /// A row count or length of zero.
+    Empty(Rows),
+}
+
+impl std::fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LaunchError::Steps(steps) => write!(
+                f,
+                "the fused kernels take 1 to {MAX_STEPS} iterations, not {steps}"
+            ),
+            LaunchError::Empty(rows) => {
+                write!(f, "no entries to solve: {} rows of {}", rows.rows, rows.n)
+            }
+        }
+    }
+}
+
+impl std::error::Error for LaunchError {}
+
+/// How rows map onto units.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    /// Units per row (a plane, or a cube of `planes` planes).
+    group: u32,
+    /// Planes per row's group.
+    planes: u32,
+    /// Rows per cube.
+    rows_per_cube: u32,
+    cubes: usize,
+}
+
+impl Layout {
+    fn new<R: Runtime>(client: &ComputeClient<R>, shape: Rows, steps: usize) -> Layout {
+        let plane = client.properties().hardware.plane_size_max.max(1) as usize;
+        if shape.n <= PLANE_ROW_ENTRIES_PER_UNIT * plane {
+            let coefficient_rows = COEFFICIENT_BYTES / (12 * max_steps(steps));
+            let rows_per_cube = (PLANE_LAYOUT_CUBE / plane).clamp(1, coefficient_rows.max(1));
+            Layout {
+                group: plane as u32,
+                planes: 1,
+                rows_per_cube: rows_per_cube as u32,
+                cubes: shape.rows.div_ceil(rows_per_cube),
+            }
+        } else {
+            // About 16 entries per unit, whole planes, at most 32 planes (the partial sums'
+            // shared buffer).
+            let planes = (shape.n / 16)
+                .div_ceil(plane)
+                .clamp(1, (MAX_GROUP / plane).min(32));
+            Layout {
+                group: (planes * plane) as u32,
+                planes: planes as u32,
+                rows_per_cube: 1,
+                cubes: shape.rows,
+            }
+        }
+    }
+
+    fn cube_dim(&self) -> CubeDim {
+        CubeDim::new_2d(self.group, self.rows_per_cube)
+    }
+
+    fn cube_count(&self) -> CubeCount {
+        const MAX_X: usize = 65_535;
+        let x = self.cubes.min(MAX_X);
+        CubeCount::Static(x as u32, self.cubes.div_ceil(x) as u32, 1)
+    }
+}
+
+fn max_steps(steps: usize) -> usize {
+    steps.next_power_of_two().max(8)
+}
+
+fn check(shape: Rows, schedule: &Schedule) -> Result<(), LaunchError> {
+    if schedule.steps() == 0 || schedule.steps() > MAX_STEPS {
+        return Err(LaunchError::Steps(schedule.steps()));
+    }
+    if shape.rows == 0 || shape.n == 0 {
+        return Err(LaunchError::Empty(shape));
+    }
+    Ok(())
+}
+
+/// The inputs of one call: scores `[rows, n]` and k `[rows]` of element type `F`, and an
+/// optional mask `[rows, n]` of element type `M` (nonzero = keep).
+pub struct Inputs<'a> {
+    /// The scores.
+    pub scores: &'a Handle,
+    /// One k per row.
+    pub k: &'a Handle,
+    /// The mask, if any.
+    pub mask: Option<&'a Handle>,
+    /// Their shape.
+    pub shape: Rows,
+}
+
+/// Runs the iterative solver: returns the output `[rows, n]` (element `F`) and the
+/// thresholds `[rows, T]` (f32).
+pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    inputs: &Inputs,
+    schedule: &Schedule,
+) -> Result<(Handle, Handle), LaunchError> {
+    check(inputs.shape, schedule)?;
+    let Rows { rows, n } = inputs.shape;
+    let steps = schedule.steps();
+    let layout = Layout::new(client, inputs.shape, steps);
+    let output = client.empty(rows * n * F::type_size() as usize);
+    let thresholds = client.empty(rows * steps * 4);
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
+    let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
+    unsafe {
+        coor_descent_forward::launch::<F, M, R>(
+            client,
+            layout.cube_count(),
+            layout.cube_dim(),
+            ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
+            ArrayArg::from_raw_parts(inputs.k.clone(), rows),
+            ArrayArg::from_raw_parts(mask, mask_len),
+            ArrayArg::from_raw_parts(schedule_handle, steps + 1),
+            ArrayArg::from_raw_parts(output.clone(), rows * n),
+            ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
+            rows as u32,
+            n as u32,
+            steps as u32,
+            inputs.mask.is_some(),
+            layout.planes,
+        );
+    }
+    Ok((output, thresholds))
+}
+
+/// The exact reverse sweep: given the thresholds of [`forward`] and the gradient `[rows, n]`
+/// with respect to its output, returns the gradients with respect to the scores `[rows, n]`
+/// and to k `[rows]` (element `F`).
+pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    inputs: &Inputs,
+    schedule: &Schedule,
+    thresholds: &Handle,
+    grad: &Handle,
+) -> Result<(Handle, Handle), LaunchError> {
+    check(inputs.shape, schedule)?;
+    let Rows { rows, n } = inputs.shape;
+    let steps = schedule.steps();
+    let layout = Layout::new(client, inputs.shape, steps);
+    let d_scores = client.empty(rows * n * F::type_size() as usize);
+    let d_k = client.empty(rows * F::type_size() as usize);
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
+    let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
+    unsafe {
+        coor_descent_backward::launch::<F, M, R>(
+            client,
+            layout.cube_count(),
+            layout.cube_dim(),
+            ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
+            ArrayArg::from_raw_parts(inputs.k.clone(), rows),
+            ArrayArg::from_raw_parts(mask, mask_len),
+            ArrayArg::from_raw_parts(schedule_handle, steps + 1),
+            ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
+            ArrayArg::from_raw_parts(grad.clone(), rows * n),
+            ArrayArg::from_raw_parts(d_scores.clone(), rows * n),
+            ArrayArg::from_raw_parts(d_k.clone(), rows),
+            rows as u32,
+            n as u32,
+            steps as u32,
+            inputs.mask.is_some(),
+            layout.planes,
+            max_steps(steps) as u32,
+            layout.rows_per_cube,
+        );
+    }
+    Ok((d_scores, d_k))
+}
+
+/// The mask's handle, or a one-element placeholder the kernel never reads.
+fn mask_arg<R: Runtime, M: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    inputs: &Inputs,
+) -> (Handle, usize) {
+    match inputs.mask {
+        Some(mask) => (mask.clone(), inputs.shape.rows * inputs.shape.n),
+        None => (client.empty(M::type_size() as usize), 1),
+    }
+}

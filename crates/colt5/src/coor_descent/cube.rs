@@ -1,0 +1,132 @@
+//! CubeCL backends (CUDA, wgpu) run the iterative solver and its reverse sweep with the
+//! fused kernels of `colt5-kernels`: one launch each, the thresholds (T f32 per row) the
+//! only state kept between them. The converged solver uses the portable implementation.
+
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use colt5_kernels::{Inputs, Rows};
+
+use super::iterative::Schedule;
+use super::{portable_backward, portable_solve, CoorDescentBackend, CoorDescentConfig, SolveStats};
+
+impl<R, F, I, BT> CoorDescentBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn coor_descent_solve(
+        scores: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        config: &CoorDescentConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
+        let Some(schedule) = fused_schedule(config) else {
+            return portable_solve::<Self>(scores, k, mask, config);
+        };
+        let call = Call::<R>::new(scores, k, mask);
+        let (output, thresholds) =
+            colt5_kernels::forward::<R, F, BT>(&call.scores.client, &call.inputs(), &schedule)
+                .expect("a checked schedule and shape");
+        let steps = schedule.steps();
+        (
+            call.tensor::<F>(output, [call.shape.rows, call.shape.n]),
+            call.tensor::<f32>(thresholds, [call.shape.rows, steps]),
+            SolveStats { passes: steps },
+        )
+    }
+
+    fn coor_descent_backward(
+        scores: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        mask: Option<BoolTensor<Self>>,
+        thresholds: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        config: &CoorDescentConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(schedule) = fused_schedule(config) else {
+            return portable_backward::<Self>(scores, k, mask, thresholds, grad, config);
+        };
+        let call = Call::<R>::new(scores, k, mask);
+        let thresholds = into_contiguous(thresholds);
+        let grad = into_contiguous(grad);
+        let (d_scores, d_k) = colt5_kernels::backward::<R, F, BT>(
+            &call.scores.client,
+            &call.inputs(),
+            &schedule,
+            &thresholds.handle,
+            &grad.handle,
+        )
+        .expect("a checked schedule and shape");
+        (
+            call.tensor::<F>(d_scores, [call.shape.rows, call.shape.n]),
+            call.tensor::<F>(d_k, [call.shape.rows, 1]),
+        )
+    }
+}
+
+/// The kernels' schedule (eps_1..eps_T, then the output temperature) for the iterative
+/// solver within the kernels' iteration limit; `None` sends the call to the portable code.
+fn fused_schedule(config: &CoorDescentConfig) -> Option<colt5_kernels::Schedule> {
+    let Schedule { iterations, output } = config.schedule()?;
+    (iterations.len() <= colt5_kernels::MAX_STEPS).then(|| {
+        colt5_kernels::Schedule(
+            iterations
+                .iter()
+                .chain(std::iter::once(&output))
+                .map(|&eps| eps as f32)
+                .collect(),
+        )
+    })
+}
+
+/// One call's inputs, contiguous on the device.
+struct Call<R: CubeRuntime> {
+    scores: CubeTensor<R>,
+    k: CubeTensor<R>,
+    mask: Option<CubeTensor<R>>,
+    shape: Rows,
+}
+
+impl<R: CubeRuntime> Call<R> {
+    fn new(scores: CubeTensor<R>, k: CubeTensor<R>, mask: Option<CubeTensor<R>>) -> Self {
+        let dims = scores.meta.shape.dims::<2>();
+        Call {
+            scores: into_contiguous(scores),
+            k: into_contiguous(k),
+            mask: mask.map(into_contiguous),
+            shape: Rows {
+                rows: dims[0],
+                n: dims[1],
+            },
+        }
+    }
+
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            scores: &self.scores.handle,
+            k: &self.k.handle,
+            mask: self.mask.as_ref().map(|m| &m.handle),
+            shape: self.shape,
+        }
+    }
+
+    /// A contiguous `shape` tensor of element `E` over `handle`.
+    fn tensor<E: burn_cubecl::CubeElement>(
+        &self,
+        handle: burn_cubecl::cubecl::server::Handle,
+        shape: [usize; 2],
+    ) -> CubeTensor<R> {
+        CubeTensor::new_contiguous(
+            self.scores.client.clone(),
+            self.scores.device.clone(),
+            Shape::new(shape),
+            handle,
+            E::dtype(),
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! The fused CubeCL kernels against the f64 CPU implementation: outputs and gradients over
+//! a grid of shapes (1 to 65536 columns, odd sizes, masks, per-row k, eps schedules).
+//!
+//! Built with `--features wgpu` (CI runs them on lavapipe, the software Vulkan driver) or
+//! `--features cuda` (on an NVIDIA GPU): `cargo test -p colt5 --features cuda --test kernels`.
+#![cfg(any(feature = "cuda", feature = "wgpu"))]
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Bool, Tensor, TensorData};
+use colt5::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
+
+#[cfg(feature = "cuda")]
+type Gpu = burn::backend::Cuda;
+#[cfg(not(feature = "cuda"))]
+type Gpu = burn::backend::Wgpu;
+
+type Reference = Autodiff<NdArray<f64>>;
+
+/// Deterministic normals (splitmix64 and Box–Muller).
+fn normals(seed: u64, count: usize, scale: f64) -> Vec<f64> {
+    let mut state = seed;
+    let mut uniform = || {
+        state = state.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..count)
+        .map(|_| {
+            let (u, v) = (uniform().max(1e-300), uniform());
+            scale * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        })
+        .collect()
+}
+
+struct Case {
+    rows: usize,
+    n: usize,
+    /// One k per row, or `None` for n/8 (at least 1) for every row.
+    per_row_k: bool,
+    masked: bool,
+    config: CoorDescentConfig,
+    seed: u64,
+}
+
+/// Output, gradient with respect to the scores and (per-row k) to k, of L = Σ y·g.
+struct Result {
+    output: Vec<f64>,
+    d_scores: Vec<f64>,
+    d_k: Option<Vec<f64>>,
+}
+
+impl Case {
+    fn k_values(&self) -> Vec<f64> {
+        let base = (self.n as f64 / 8.0).max(1.0);
+        (0..self.rows)
+            .map(|r| match self.per_row_k {
+                true => (base * (0.5 + (r % 3) as f64 * 0.4)).clamp(0.5, self.n as f64),
+                false => base,
+            })
+            .collect()
+    }
+
+    fn mask_values(&self) -> Vec<bool> {
+        // Every third row partly masked, row 1 fully masked (when there are 3 rows or more).
+        (0..self.rows * self.n)
+            .map(|i| {
+                let (r, j) = (i / self.n, i % self.n);
+                !(r % 3 == 0 && j % 5 == 2 || r == 1 && self.rows >= 3)
+            })
+            .collect()
+    }
+
+    fn run<B: CoorDescentBackend + burn::tensor::backend::AutodiffBackend>(
+        &self,
+        device: &B::Device,
+    ) -> Result {
+        let float = |values: Vec<f64>, shape: [usize; 2]| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(values, shape).convert::<burn::tensor::ops::FloatElem<B>>(),
+                device,
+            )
+        };
+        let shape = [self.rows, self.n];
+        let scores = float(normals(self.seed, self.rows * self.n, 3.0), shape).require_grad();
+        let grad = float(normals(self.seed + 1, self.rows * self.n, 1.0), shape);
+        let k_values = self.k_values();
+        let k_tensor = Tensor::<B, 1>::from_data(
+            TensorData::new(k_values.clone(), [self.rows])
+                .convert::<burn::tensor::ops::FloatElem<B>>(),
+            device,
+        )
+        .require_grad();
+        let k = match self.per_row_k {
+            true => RowK::PerRow(k_tensor.clone()),
+            false => RowK::Scalar(k_values[0]),
+        };
+        let mask = self.masked.then(|| {
+            Tensor::<B, 2, Bool>::from_data(TensorData::new(self.mask_values(), shape), device)
+        });
+        let y = coor_descent(scores.clone(), k, mask, &self.config).unwrap();
+        let grads = (y.clone() * grad).sum().backward();
+        let values = |t: Tensor<B::InnerBackend, 2>| -> Vec<f64> {
+            t.into_data().convert::<f64>().to_vec().unwrap()
+        };
+        Result {
+            output: values(y.inner()),
+            d_scores: values(scores.grad(&grads).unwrap()),
+            d_k: self.per_row_k.then(|| {
+                k_tensor
+                    .grad(&grads)
+                    .unwrap()
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec()
+                    .unwrap()
+            }),
+        }
+    }
+}
+
+/// max |a − b| / max |b| (the golden README's measure), with max |b| floored at 1e-6: rows
+/// whose outputs are all saturated at 0 or 1 have gradients near 1e-12 that f32 cannot
+/// resolve, so they are compared on the scale of g (1). NaN anywhere fails.
+fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite kernel output");
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(1e-6, f64::max);
+    diff / scale
+}
+
+fn check(case: Case) {
+    let gpu = case.run::<Autodiff<Gpu>>(&Default::default());
+    let reference = case.run::<Reference>(&Default::default());
+    let eps = case.config.eps;
+    let output = relative_error(&gpu.output, &reference.output);
+    let d_scores = relative_error(&gpu.d_scores, &reference.d_scores);
+    println!(
+        "{}×{} masked {} per-row k {} {:?} eps {eps}: output {output:.1e}, d_scores {d_scores:.1e}",
+        case.rows, case.n, case.masked, case.per_row_k, case.config.solver
+    );
+    // ../shared/golden/README.md: f32 outputs 1e-5/eps, gradients 1e-4/eps (relative).
+    assert!(output < 1e-5 / eps, "output error {output:e}");
+    assert!(d_scores < 1e-4 / eps, "score gradient error {d_scores:e}");
+    if let (Some(gpu), Some(reference)) = (gpu.d_k, reference.d_k) {
+        let d_k = relative_error(&gpu, &reference);
+        assert!(d_k < 1e-4 / eps, "k gradient error {d_k:e}");
+    }
+    if case.masked {
+        let mask = case.mask_values();
+        for (i, keep) in mask.iter().enumerate() {
+            if !keep {
+                assert_eq!(gpu.output[i], 0.0, "masked output {i}");
+                assert_eq!(gpu.d_scores[i], 0.0, "masked gradient {i}");
+            }
+        }
+    }
+}
+
+fn router() -> CoorDescentConfig {
+    CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7)
+}
+
+#[test]
+fn kernels_match_the_cpu_implementation_over_shapes() {
+    let shapes = [
+        (1, 1),
+        (3, 7),
+        (5, 33),
+        (4, 100),
+        (9, 1000),
+        (3, 2047),
+        (2, 4097),
+        (3, 10_001),
+        (2, 65_536),
+    ];
+    for (index, &(rows, n)) in shapes.iter().enumerate() {
+        for (masked, per_row_k) in [(false, false), (true, true)] {
+            check(Case {
+                rows,
+                n,
+                per_row_k,
+                masked,
+                config: router(),
+                seed: 100 + index as u64,
+            });
+        }
+    }
+}
+
+#[test]
+fn kernels_are_accurate_at_small_eps_and_many_iterations() {
+    for (index, iterations) in [50, 100].into_iter().enumerate() {
+        check(Case {
+            rows: 16,
+            n: 2048,
+            per_row_k: false,
+            masked: false,
+            config: CoorDescentConfig::iterations(iterations, 0.03, None, 1.0),
+            seed: 7 + index as u64,
+        });
+    }
+    check(Case {
+        rows: 8,
+        n: 3000,
+        per_row_k: true,
+        masked: true,
+        config: CoorDescentConfig::iterations(30, 0.1, Some(2.0), 0.8),
+        seed: 9,
+    });
+}
+
+#[test]
+fn rows_beyond_one_grid_dimension_are_solved() {
+    // More cubes than one grid dimension takes (65 535), whatever the plane size.
+    check(Case {
+        rows: 600_000,
+        n: 2,
+        per_row_k: false,
+        masked: false,
+        config: router(),
+        seed: 11,
+    });
+}
