@@ -12,3 +12,12 @@ fi
 if command -v rustup >/dev/null 2>&1; then
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
+# The GPU kernel tests also run on CPU through CubeCL's wgpu runtime on lavapipe, Mesa's
+# software Vulkan driver.
+if [ ! -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ]; then
+    echo "installing Mesa's software Vulkan driver (lavapipe) for the kernel tests" >&2
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get install -y --no-install-recommends mesa-vulkan-drivers libvulkan1 >/dev/null \
+        || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y --no-install-recommends mesa-vulkan-drivers libvulkan1 >/dev/null; }
+fi

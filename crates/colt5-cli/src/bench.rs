@@ -25,6 +25,9 @@ enum BenchCommand {
     /// Training-step throughput (forward, backward, Adam) of the language models, for the
     /// configurations of the reference's `bench_cpu_lm.py`.
     Lm(LmArgs),
+    /// The fused coordinate-descent kernels (forward, forward+backward, memory) on the
+    /// GPU, for the shapes of the reference's `bench_coor_descent.py`.
+    Cd(crate::bench_cd::CdArgs),
 }
 
 /// Language-model configurations of the benchmark.
@@ -99,6 +102,7 @@ struct LmArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.what {
         BenchCommand::Lm(args) => run_on(args.backend, LmJob(args)),
+        BenchCommand::Cd(args) => crate::bench_cd::run(args),
     }
 }
 

@@ -3,7 +3,8 @@
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use colt5::lm::{
-    generate, next_token_loss, CdTransformer, CdTransformerConfig, LanguageModel, SamplerConfig,
+    generate, next_token_loss, CdTransformer, CdTransformerConfig, Colt5TransformerConfig,
+    LanguageModel, SamplerConfig,
 };
 use colt5::Error;
 
@@ -137,4 +138,76 @@ fn a_one_token_sequence_works_with_k_above_its_key_count() {
     // k = 3 > 1 key: every visible key saturates instead of an error.
     let model = model(0, false);
     assert_eq!(model.forward(tokens(&[7])).unwrap().dims(), [1, 1, 64]);
+}
+
+/// The position of the first logit row that differs between `a` and `b` (rows of 64).
+fn first_difference(a: &[f64], b: &[f64]) -> Option<usize> {
+    (0..a.len() / 64).find(|&t| a[t * 64..(t + 1) * 64] != b[t * 64..(t + 1) * 64])
+}
+
+#[test]
+fn colt5_lm_is_causal_across_windows_and_strictly_without_subset_routing() {
+    let ids: Vec<i64> = (0..30).map(|i| (i * 11 % 64) as i64).collect();
+    let mut changed = ids.clone();
+    changed[21] = 5;
+    // Window 8: token 21 is in the window 16..24.
+    for (ff_tokens, first_allowed) in [(3, 16), (8, 21)] {
+        let model = Colt5TransformerConfig::new(64, 16, 32, 2)
+            .with_window_size(8)
+            .with_heads(2)
+            .with_dim_head(8)
+            .with_num_heavy_tokens_kv(4)
+            .with_num_heavy_ff_tokens(ff_tokens)
+            .init::<B>(&Default::default())
+            .unwrap();
+        let full = values(model.forward(tokens(&ids)).unwrap());
+        let other = values(model.forward(tokens(&changed)).unwrap());
+        let first = first_difference(&full, &other).expect("the change shows somewhere");
+        assert!(
+            first >= first_allowed,
+            "{ff_tokens} heavy feed-forward tokens per window: position {first} changed"
+        );
+        assert!(first <= 21);
+    }
+}
+
+#[test]
+fn colt5_lm_trains_and_rejects_bad_configurations() {
+    use burn::backend::Autodiff;
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    type A = Autodiff<NdArray<f32>>;
+    let device = Default::default();
+    let config = Colt5TransformerConfig::new(64, 16, 32, 1)
+        .with_window_size(8)
+        .with_heads(2)
+        .with_dim_head(8)
+        .with_num_heavy_tokens_kv(4)
+        .with_num_heavy_ff_tokens(2);
+    let mut model = config.init::<A>(&device).unwrap();
+    let mut optimizer = AdamConfig::new().init();
+    // A repeating sequence is learnable: the loss must fall.
+    let ids: Vec<i64> = (0..2 * 33).map(|i| (i % 5) as i64).collect();
+    let batch = Tensor::<A, 2, Int>::from_data(TensorData::new(ids, [2, 33]), &device);
+    let mut losses = Vec::new();
+    for _ in 0..15 {
+        let loss = next_token_loss(&model, batch.clone()).unwrap();
+        losses.push(loss.clone().into_scalar());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(1e-2, model, grads);
+    }
+    assert!(losses[14] < 0.5 * losses[0], "{losses:?}");
+
+    for bad in [
+        config.clone().with_num_heavy_ff_tokens(9),
+        config.clone().with_num_heavy_tokens_q(Some(0)),
+        config.clone().with_window_size(0),
+    ] {
+        assert!(matches!(
+            bad.init::<B>(&Default::default()),
+            Err(Error::InvalidConfig { .. })
+        ));
+    }
+    let model = config.init::<B>(&Default::default()).unwrap();
+    assert!(model.forward(tokens(&[1; 33])).is_err(), "longer than seq_len");
+    assert!(model.forward(tokens(&[64])).is_err(), "token outside the vocabulary");
 }

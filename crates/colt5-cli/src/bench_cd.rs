@@ -1,0 +1,211 @@
+//! `colt5 bench cd`: the fused coordinate-descent kernels on the GPU, timed as the
+//! reference's `bench_coor_descent.py` times its Triton kernel.
+
+use anyhow::{bail, Result};
+
+/// Arguments of `colt5 bench cd`.
+#[derive(clap::Args, Debug)]
+pub struct CdArgs {
+    /// Shapes `ROWSxCOLS`.
+    #[arg(long, num_args = 1.., default_values = ["16x16384", "64x32768", "8192x2048", "32768x1024"])]
+    shapes: Vec<String>,
+    /// Iteration counts.
+    #[arg(long, num_args = 1.., default_values_t = [20, 50])]
+    iters: Vec<usize>,
+    /// Element types of the scores.
+    #[arg(long, value_enum, num_args = 1.., default_values = ["f32", "bf16"])]
+    dtypes: Vec<Dtype>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 25)]
+    runs: usize,
+}
+
+/// Storage type of the scores (arithmetic is f32).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Dtype {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+fn parse_shape(text: &str) -> Result<(usize, usize)> {
+    let parsed = text
+        .split_once('x')
+        .and_then(|(r, c)| Some((r.parse().ok()?, c.parse().ok()?)));
+    match parsed {
+        Some((rows, cols)) if rows > 0 && cols > 0 => Ok((rows, cols)),
+        _ => bail!("invalid shape {text:?}: expected ROWSxCOLS with both at least 1"),
+    }
+}
+
+/// Runs `colt5 bench cd` on the runtime this build has.
+pub fn run(args: &CdArgs) -> Result<()> {
+    let shapes = args
+        .shapes
+        .iter()
+        .map(|s| parse_shape(s))
+        .collect::<Result<Vec<_>>>()?;
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    gpu::run(args, &shapes)
+}
+
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+mod gpu {
+    pub fn run(_args: &super::CdArgs, _shapes: &[(usize, usize)]) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "`colt5 bench cd` times the GPU kernels: rebuild with `--features cuda` (or `wgpu`)"
+        )
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod gpu {
+    use std::time::Instant;
+
+    use anyhow::{Context, Result};
+    use colt5_kernels::{Inputs, Rows, Schedule};
+    use cubecl::prelude::*;
+    use cubecl::server::Handle;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::{CdArgs, Dtype};
+
+    #[cfg(feature = "cuda")]
+    type Gpu = cubecl::cuda::CudaRuntime;
+    #[cfg(not(feature = "cuda"))]
+    type Gpu = cubecl::wgpu::WgpuRuntime;
+
+    /// The router's schedule: eps 0.03 from 4, decaying by 0.7.
+    fn schedule(iters: usize) -> Schedule {
+        let mut eps = Vec::with_capacity(iters + 1);
+        let mut current: f64 = 4.0;
+        for _ in 0..=iters {
+            eps.push(current as f32);
+            current = (current * 0.7).max(0.03);
+        }
+        Schedule(eps)
+    }
+
+    fn sync(client: &ComputeClient<Gpu>) -> Result<()> {
+        cubecl::future::block_on(client.sync())
+            .map_err(|e| anyhow::anyhow!("device synchronisation failed: {e:?}"))
+    }
+
+    /// Median milliseconds of `work` over `runs` runs after 3 warm-up runs.
+    fn median_ms(
+        client: &ComputeClient<Gpu>,
+        runs: usize,
+        mut work: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        for _ in 0..3 {
+            work()?;
+        }
+        sync(client)?;
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let started = Instant::now();
+            work()?;
+            sync(client)?;
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[runs / 2])
+    }
+
+    fn bytes_in_use(client: &ComputeClient<Gpu>) -> Result<u64> {
+        sync(client)?;
+        Ok(client
+            .memory_usage()
+            .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?
+            .bytes_in_use)
+    }
+
+    fn upload<F: CubeElement + Float>(client: &ComputeClient<Gpu>, values: &[f32]) -> Handle {
+        let converted: Vec<F> = values.iter().map(|&v| F::new(v)).collect();
+        client.create_from_slice(F::as_bytes(&converted))
+    }
+
+    pub fn run(args: &CdArgs, shapes: &[(usize, usize)]) -> Result<()> {
+        let device = Default::default();
+        let client = Gpu::client(&device);
+        println!(
+            "| rows x cols | dtype | iters | fwd ms | fwd+bwd ms | extra MiB (fwd+bwd) | saved for bwd MiB | elements/s (fwd) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|");
+        for &iters in &args.iters {
+            for &(rows, cols) in shapes {
+                for &dtype in &args.dtypes {
+                    let line = match dtype {
+                        Dtype::F32 => measure::<f32>(&client, args, rows, cols, iters),
+                        Dtype::F16 => measure::<half::f16>(&client, args, rows, cols, iters),
+                        Dtype::Bf16 => measure::<half::bf16>(&client, args, rows, cols, iters),
+                    }
+                    .with_context(|| format!("{rows}x{cols} {dtype:?} {iters} iterations"))?;
+                    println!(
+                        "| {rows}x{cols} | {} | {iters} | {line} |",
+                        format!("{dtype:?}").to_lowercase()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn measure<F: CubeElement + Float>(
+        client: &ComputeClient<Gpu>,
+        args: &CdArgs,
+        rows: usize,
+        cols: usize,
+        iters: usize,
+    ) -> Result<String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let normal = |rng: &mut ChaCha8Rng, scale: f32| -> Vec<f32> {
+            use rand::Rng;
+            (0..rows * cols)
+                .map(|_| {
+                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                    scale * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+                })
+                .collect()
+        };
+        let scores = upload::<F>(client, &normal(&mut rng, 3.0));
+        let grad = upload::<F>(client, &normal(&mut rng, 1.0));
+        let k = upload::<F>(client, &vec![cols as f32 / 8.0; rows]);
+        let schedule = schedule(iters);
+        let inputs = Inputs {
+            scores: &scores,
+            k: &k,
+            mask: None,
+            shape: Rows { rows, n: cols },
+        };
+        let forward = || colt5_kernels::forward::<Gpu, F, u8>(client, &inputs, &schedule);
+        let forward_ms = median_ms(client, args.runs, || {
+            forward()?;
+            Ok(())
+        })?;
+        let both_ms = median_ms(client, args.runs, || {
+            let (_, thresholds) = forward()?;
+            colt5_kernels::backward::<Gpu, F, u8>(client, &inputs, &schedule, &thresholds, &grad)?;
+            Ok(())
+        })?;
+        // Everything the two launches allocate, held at once: output, thresholds, both
+        // gradients and the schedule copies.
+        let before = bytes_in_use(client)?;
+        let (output, thresholds) = forward()?;
+        let gradients =
+            colt5_kernels::backward::<Gpu, F, u8>(client, &inputs, &schedule, &thresholds, &grad)?;
+        let extra = bytes_in_use(client)?.saturating_sub(before);
+        drop((output, thresholds, gradients));
+        let mib = |bytes: f64| bytes / (1 << 20) as f64;
+        Ok(format!(
+            "{forward_ms:.3} | {both_ms:.3} | {:.1} | {:.2} | {:.2e}",
+            mib(extra as f64),
+            mib((rows * iters * 4) as f64),
+            (rows * cols * iters) as f64 / (forward_ms * 1e-3)
+        ))
+    }
+}
