@@ -1,6 +1,8 @@
 //! The CubeCL kernels. Every row is handled by one group of units: a plane (warp) for short
 //! rows, several rows to a cube, or a whole cube for long rows. Arithmetic is f32 whatever
-//! the storage type.
+//! the storage type. The kernels use the fast exp and log intrinsics: their arguments are
+//! finite (masked scores are −1e30, not −inf) and every log is of a sum ≥ 1 (the entry at
+//! the shift contributes exp(0)).
 
 use cubecl::prelude::*;
 
@@ -111,8 +113,8 @@ fn row_stats<F: Float, M: Int>(
     (row_max, valid_count)
 }
 
-/// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and the part of it from
-/// entries above the ceiling.
+/// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and (when `with_above`; else
+/// 0, saving a reduction) the part of it from entries above the ceiling.
 #[cube]
 fn partition<F: Float, M: Int>(
     scores: &Array<F>,
@@ -126,6 +128,7 @@ fn partition<F: Float, M: Int>(
     partials: &mut SharedMemory<f32>,
     #[comptime] masked: bool,
     #[comptime] planes: u32,
+    #[comptime] with_above: bool,
 ) -> (f32, f32) {
     let group = CUBE_DIM_X as usize;
     let mut total = 0.0f32;
@@ -140,15 +143,17 @@ fn partition<F: Float, M: Int>(
         }
         j += group;
     }
-    (
-        group_sum(total, partials, planes),
-        group_sum(above, partials, planes),
-    )
+    let total = group_sum(total, partials, planes);
+    let mut above_total = 0.0f32;
+    if comptime![with_above] {
+        above_total = group_sum(above, partials, planes);
+    }
+    (total, above_total)
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
 /// `thresholds` receives a_1..a_T of every row (`[rows, steps]`).
-#[cube(launch)]
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_forward<F: Float, M: Int>(
     scores: &Array<F>,
     k: &Array<F>,
@@ -195,6 +200,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             &mut partials,
             masked,
             planes,
+            false,
         );
         a = eps * (log_k - f32::ln(total)) - shift;
         if lane == 0 {
@@ -219,7 +225,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
 /// respect to the scores and to k. `coefficients` (shared, 3 per iteration and row of the
 /// cube) carries each iteration's ā_t/Z_t, ceiling and shift from the sweep to the final
 /// pass, so the gradient is written once.
-#[cube(launch)]
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_backward<F: Float, M: Int>(
     scores: &Array<F>,
     k: &Array<F>,
@@ -285,6 +291,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
             &mut partials,
             masked,
             planes,
+            true,
         );
         if lane == 0 {
             coefficients[slot + 3 * (t - 2)] = d_a / total;
