@@ -162,7 +162,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     let Rows { rows, n } = inputs.shape;
     let steps = schedule.steps();
     let layout = Layout::new(client, inputs.shape, steps);
-    let output = client.empty(rows * n * F::type_size() as usize);
+    let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
@@ -201,8 +201,8 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     let Rows { rows, n } = inputs.shape;
     let steps = schedule.steps();
     let layout = Layout::new(client, inputs.shape, steps);
-    let d_scores = client.empty(rows * n * F::type_size() as usize);
-    let d_k = client.empty(rows * F::type_size() as usize);
+    let d_scores = client.empty(rows * n * F::type_size());
+    let d_k = client.empty(rows * F::type_size());
     let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
     unsafe {
@@ -237,6 +237,6 @@ fn mask_arg<R: Runtime, M: Int + CubeElement>(
 ) -> (Handle, usize) {
     match inputs.mask {
         Some(mask) => (mask.clone(), inputs.shape.rows * inputs.shape.n),
-        None => (client.empty(M::type_size() as usize), 1),
+        None => (client.empty(M::type_size()), 1),
     }
 }

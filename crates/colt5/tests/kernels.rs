@@ -210,11 +210,41 @@ fn kernels_match_the_cpu_implementation_over_shapes() {
 fn kernels_are_accurate_at_small_eps_and_many_iterations() {
     let configs = [
         (128, 2048, 128.0, router(), false),
-        (128, 2048, 128.0, CoorDescentConfig::iterations(50, 0.03, None, 1.0), false),
-        (128, 2048, 128.0, CoorDescentConfig::iterations(50, 0.03, None, 1.0), true),
-        (128, 2048, 128.0, CoorDescentConfig::iterations(50, 1.0, None, 1.0), true),
-        (128, 2048, 128.0, CoorDescentConfig::iterations(100, 0.1, None, 1.0), false),
-        (128, 2048, 128.0, CoorDescentConfig::iterations(100, 0.03, None, 1.0), false),
+        (
+            128,
+            2048,
+            128.0,
+            CoorDescentConfig::iterations(50, 0.03, None, 1.0),
+            false,
+        ),
+        (
+            128,
+            2048,
+            128.0,
+            CoorDescentConfig::iterations(50, 0.03, None, 1.0),
+            true,
+        ),
+        (
+            128,
+            2048,
+            128.0,
+            CoorDescentConfig::iterations(50, 1.0, None, 1.0),
+            true,
+        ),
+        (
+            128,
+            2048,
+            128.0,
+            CoorDescentConfig::iterations(100, 0.1, None, 1.0),
+            false,
+        ),
+        (
+            128,
+            2048,
+            128.0,
+            CoorDescentConfig::iterations(100, 0.03, None, 1.0),
+            false,
+        ),
         (16, 16384, 2048.0, router(), false),
     ];
     for (index, (rows, n, k, config, masked)) in configs.into_iter().enumerate() {

@@ -208,6 +208,12 @@ fn colt5_lm_trains_and_rejects_bad_configurations() {
         ));
     }
     let model = config.init::<B>(&Default::default()).unwrap();
-    assert!(model.forward(tokens(&[1; 33])).is_err(), "longer than seq_len");
-    assert!(model.forward(tokens(&[64])).is_err(), "token outside the vocabulary");
+    assert!(
+        model.forward(tokens(&[1; 33])).is_err(),
+        "longer than seq_len"
+    );
+    assert!(
+        model.forward(tokens(&[64])).is_err(),
+        "token outside the vocabulary"
+    );
 }
