@@ -66,6 +66,7 @@ mod gpu {
     use std::time::Instant;
 
     use anyhow::{Context, Result};
+    use colt5::coor_descent::CoorDescentConfig;
     use colt5_kernels::{Inputs, Rows, Schedule};
     use cubecl::prelude::*;
     use cubecl::server::Handle;
@@ -81,13 +82,8 @@ mod gpu {
 
     /// The router's schedule: eps 0.03 from 4, decaying by 0.7.
     fn schedule(iters: usize) -> Schedule {
-        let mut eps = Vec::with_capacity(iters + 1);
-        let mut current: f64 = 4.0;
-        for _ in 0..=iters {
-            eps.push(current as f32);
-            current = (current * 0.7).max(0.03);
-        }
-        Schedule(eps)
+        let config = CoorDescentConfig::iterations(iters, 0.03, Some(4.0), 0.7);
+        Schedule::from_temperatures(&config.temperatures().expect("an iterative solver"))
     }
 
     fn sync(client: &ComputeClient<Gpu>) -> Result<()> {

@@ -31,9 +31,13 @@ pub enum ModelConfig {
 
 /// Sizes every architecture has, for command-line overrides and checks.
 pub struct Sizes<'a> {
+    /// Vocabulary size.
     pub num_tokens: &'a mut usize,
+    /// Model width.
     pub dim: &'a mut usize,
+    /// Longest sequence.
     pub seq_len: &'a mut usize,
+    /// Number of blocks.
     pub depth: &'a mut usize,
 }
 

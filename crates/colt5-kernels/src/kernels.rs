@@ -88,10 +88,9 @@ fn row_and_lane() -> (usize, usize) {
     )
 }
 
-/// Row maximum and number of valid entries (at least 1, so that a fully masked row stays
-/// finite).
+/// Row maximum (masked entries at [`MASKED_SCORE`]).
 #[cube]
-fn row_stats<F: Float, M: Int>(
+fn row_max<F: Float, M: Int>(
     scores: &Array<F>,
     mask: &Array<M>,
     base: usize,
@@ -100,21 +99,43 @@ fn row_stats<F: Float, M: Int>(
     partials: &mut SharedMemory<f32>,
     #[comptime] masked: bool,
     #[comptime] planes: u32,
-) -> (f32, f32) {
+) -> f32 {
     let group = CUBE_DIM_X as usize;
     let mut best = f32::new(MASKED_SCORE);
-    let mut count = 0.0f32;
     let mut j = lane;
     while j < n {
         best = f32::max(best, score::<F, M>(scores, mask, base + j, masked));
-        if valid::<M>(mask, base + j, masked) {
-            count += 1.0;
-        }
         j += group;
     }
-    let row_max = group_max(best, partials, planes);
-    let valid_count = f32::max(group_sum(count, partials, planes), 1.0);
-    (row_max, valid_count)
+    group_max(best, partials, planes)
+}
+
+/// Number of valid entries, at least 1 so that a fully masked row stays finite (n without a
+/// mask, with no reduction).
+#[cube]
+fn valid_count<M: Int>(
+    mask: &Array<M>,
+    base: usize,
+    n: usize,
+    lane: usize,
+    partials: &mut SharedMemory<f32>,
+    #[comptime] masked: bool,
+    #[comptime] planes: u32,
+) -> f32 {
+    let mut count = f32::cast_from(n as u32);
+    if comptime![masked] {
+        let group = CUBE_DIM_X as usize;
+        let mut local = 0.0f32;
+        let mut j = lane;
+        while j < n {
+            if mask[base + j] != M::new(0) {
+                local += 1.0;
+            }
+            j += group;
+        }
+        count = f32::max(group_sum(local, partials, planes), 1.0);
+    }
+    count
 }
 
 /// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and (when `with_above`; else
@@ -181,10 +202,10 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     let n = n as usize;
     let steps = steps as usize;
     let base = row * n;
-    let (row_max, valid_count) =
-        row_stats::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
+    let row_max = row_max::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
+    let n_valid = valid_count::<M>(mask, base, n, lane, &mut partials, masked, planes);
     let log_k = f32::ln(f32::cast_from(k[row]));
-    let mut a = schedule[0] * (log_k - f32::ln(valid_count));
+    let mut a = schedule[0] * (log_k - f32::ln(n_valid));
     if lane == 0 {
         thresholds[row * steps] = a;
     }
@@ -259,8 +280,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let base = row * n;
     let group = CUBE_DIM_X as usize;
     let slot = UNIT_POS_Y as usize * 3 * max_steps as usize;
-    let (row_max, _valid) =
-        row_stats::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
+    let row_max = row_max::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
     let a_last = thresholds[row * steps + steps - 1];
     let inv_eps_out = 1.0 / schedule[steps];
 
@@ -310,7 +330,6 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     sync_cube();
 
     if active {
-        let inv_eps_out = 1.0 / schedule[steps];
         let mut j = lane;
         while j < n {
             let s = score::<F, M>(scores, mask, base + j, masked);

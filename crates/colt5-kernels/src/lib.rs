@@ -43,6 +43,11 @@ pub struct Rows {
 pub struct Schedule(pub Vec<f32>);
 
 impl Schedule {
+    /// The schedule from temperatures computed in f64 (eps_1..eps_T, then the output one).
+    pub fn from_temperatures(temperatures: &[f64]) -> Self {
+        Schedule(temperatures.iter().map(|&eps| eps as f32).collect())
+    }
+
     /// Number of iterations T.
     pub fn steps(&self) -> usize {
         self.0.len().saturating_sub(1)
@@ -158,14 +163,17 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     inputs: &Inputs,
     schedule: &Schedule,
 ) -> Result<(Handle, Handle), LaunchError> {
-    check(inputs.shape, schedule)?;
-    let Rows { rows, n } = inputs.shape;
-    let steps = schedule.steps();
-    let layout = Layout::new(client, inputs.shape, steps);
+    let Launch {
+        rows,
+        n,
+        steps,
+        layout,
+        schedule_handle,
+        mask,
+        mask_len,
+    } = Launch::new::<R, M>(client, inputs, schedule)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
-    let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
     unsafe {
         coor_descent_forward::launch::<F, M, R>(
             client,
@@ -197,14 +205,17 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     thresholds: &Handle,
     grad: &Handle,
 ) -> Result<(Handle, Handle), LaunchError> {
-    check(inputs.shape, schedule)?;
-    let Rows { rows, n } = inputs.shape;
-    let steps = schedule.steps();
-    let layout = Layout::new(client, inputs.shape, steps);
+    let Launch {
+        rows,
+        n,
+        steps,
+        layout,
+        schedule_handle,
+        mask,
+        mask_len,
+    } = Launch::new::<R, M>(client, inputs, schedule)?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
-    let (mask, mask_len) = mask_arg::<R, M>(client, inputs);
     unsafe {
         coor_descent_backward::launch::<F, M, R>(
             client,
@@ -230,13 +241,39 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     Ok((d_scores, d_k))
 }
 
-/// The mask's handle, or a one-element placeholder the kernel never reads.
-fn mask_arg<R: Runtime, M: Int + CubeElement>(
-    client: &ComputeClient<R>,
-    inputs: &Inputs,
-) -> (Handle, usize) {
-    match inputs.mask {
-        Some(mask) => (mask.clone(), inputs.shape.rows * inputs.shape.n),
-        None => (client.empty(M::type_size()), 1),
+/// What both kernels' launches share: the checked shape, the layout, the schedule on the
+/// device, and the mask's handle (or a one-element placeholder the kernels never read).
+struct Launch {
+    rows: usize,
+    n: usize,
+    steps: usize,
+    layout: Layout,
+    schedule_handle: Handle,
+    mask: Handle,
+    mask_len: usize,
+}
+
+impl Launch {
+    fn new<R: Runtime, M: Int + CubeElement>(
+        client: &ComputeClient<R>,
+        inputs: &Inputs,
+        schedule: &Schedule,
+    ) -> Result<Launch, LaunchError> {
+        check(inputs.shape, schedule)?;
+        let Rows { rows, n } = inputs.shape;
+        let steps = schedule.steps();
+        let (mask, mask_len) = match inputs.mask {
+            Some(mask) => (mask.clone(), rows * n),
+            None => (client.empty(M::type_size()), 1),
+        };
+        Ok(Launch {
+            rows,
+            n,
+            steps,
+            layout: Layout::new(client, inputs.shape, steps),
+            schedule_handle: client.create_from_slice(f32::as_bytes(&schedule.0)),
+            mask,
+            mask_len,
+        })
     }
 }

@@ -6,6 +6,9 @@ use colt5::coor_descent::{coor_descent, coor_descent_with_stats, CoorDescentConf
 use colt5::Error;
 use proptest::prelude::*;
 
+mod common;
+use common::normals;
+
 type F64 = NdArray<f64>;
 type F64Grad = Autodiff<NdArray<f64>>;
 type F32Grad = Autodiff<NdArray<f32>>;
@@ -27,24 +30,6 @@ fn bool_tensor<B: burn::tensor::backend::Backend, const D: usize>(
 
 fn values<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-/// Deterministic pseudo-random numbers (splitmix64 → uniform → Box–Muller normals).
-fn normals(seed: u64, count: usize, scale: f64) -> Vec<f64> {
-    let mut state = seed;
-    let mut uniform = || {
-        state = state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..count)
-        .map(|_| {
-            let (u, v) = (uniform().max(1e-300), uniform());
-            scale * (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-        })
-        .collect()
 }
 
 /// A gradient check: analytic gradients of L = Σ y·g with respect to s (and k when per

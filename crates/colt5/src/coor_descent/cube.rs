@@ -9,7 +9,6 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use colt5_kernels::{Inputs, Rows};
 
-use super::iterative::Schedule;
 use super::{portable_backward, portable_solve, CoorDescentBackend, CoorDescentConfig, SolveStats};
 
 impl<R, F, I, BT> CoorDescentBackend for CubeBackend<R, F, I, BT>
@@ -72,16 +71,9 @@ where
 /// The kernels' schedule (eps_1..eps_T, then the output temperature) for the iterative
 /// solver within the kernels' iteration limit; `None` sends the call to the portable code.
 fn fused_schedule(config: &CoorDescentConfig) -> Option<colt5_kernels::Schedule> {
-    let Schedule { iterations, output } = config.schedule()?;
-    (iterations.len() <= colt5_kernels::MAX_STEPS).then(|| {
-        colt5_kernels::Schedule(
-            iterations
-                .iter()
-                .chain(std::iter::once(&output))
-                .map(|&eps| eps as f32)
-                .collect(),
-        )
-    })
+    let temperatures = config.temperatures()?;
+    (temperatures.len() - 1 <= colt5_kernels::MAX_STEPS)
+        .then(|| colt5_kernels::Schedule::from_temperatures(&temperatures))
 }
 
 /// One call's inputs, contiguous on the device.

@@ -145,6 +145,16 @@ impl CoorDescentConfig {
         })
     }
 
+    /// The iterative solver's temperatures: eps_1..eps_T, then the temperature after the last
+    /// update (the output's); `None` for the converged solver.
+    pub fn temperatures(&self) -> Option<Vec<f64>> {
+        self.schedule().map(|schedule| {
+            let mut temperatures = schedule.iterations;
+            temperatures.push(schedule.output);
+            temperatures
+        })
+    }
+
     /// The temperature schedule of the iterative solver; `None` for the converged one.
     pub(crate) fn schedule(&self) -> Option<Schedule> {
         match self.solver {
