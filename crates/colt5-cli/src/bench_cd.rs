@@ -66,7 +66,9 @@ mod gpu {
     use std::time::Instant;
 
     use anyhow::{Context, Result};
-    use colt5::coor_descent::CoorDescentConfig;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Tensor, TensorData};
+    use colt5::coor_descent::{coor_descent, CoorDescentConfig};
     use colt5_kernels::{Inputs, Rows, Schedule};
     use cubecl::prelude::*;
     use cubecl::server::Handle;
@@ -81,9 +83,13 @@ mod gpu {
     type Gpu = cubecl::wgpu::WgpuRuntime;
 
     /// The router's schedule: eps 0.03 from 4, decaying by 0.7.
+    fn router_config(iters: usize) -> CoorDescentConfig {
+        CoorDescentConfig::iterations(iters, 0.03, Some(4.0), 0.7)
+    }
+
     fn schedule(iters: usize) -> Schedule {
-        let config = CoorDescentConfig::iterations(iters, 0.03, Some(4.0), 0.7);
-        Schedule::from_temperatures(&config.temperatures().expect("an iterative solver"))
+        let temperatures = router_config(iters).temperatures();
+        Schedule::from_temperatures(&temperatures.expect("an iterative solver"))
     }
 
     fn sync(client: &ComputeClient<Gpu>) -> Result<()> {
@@ -91,7 +97,11 @@ mod gpu {
             .map_err(|e| anyhow::anyhow!("device synchronisation failed: {e:?}"))
     }
 
-    /// Median milliseconds of `work` over `runs` runs after 3 warm-up runs.
+    /// Calls timed together between two device synchronisations; their mean is one run, so
+    /// the synchronisation's own latency (tens of microseconds) is not charged to a call.
+    const CALLS_PER_RUN: usize = 10;
+
+    /// Median milliseconds per call of `work` over `runs` runs after a warm-up.
     fn median_ms(
         client: &ComputeClient<Gpu>,
         runs: usize,
@@ -104,9 +114,11 @@ mod gpu {
         let mut times = Vec::with_capacity(runs);
         for _ in 0..runs {
             let started = Instant::now();
-            work()?;
+            for _ in 0..CALLS_PER_RUN {
+                work()?;
+            }
             sync(client)?;
-            times.push(started.elapsed().as_secs_f64() * 1e3);
+            times.push(started.elapsed().as_secs_f64() * 1e3 / CALLS_PER_RUN as f64);
         }
         times.sort_by(f64::total_cmp);
         Ok(times[runs / 2])
@@ -129,9 +141,9 @@ mod gpu {
         let device = Default::default();
         let client = Gpu::client(&device);
         println!(
-            "| rows x cols | dtype | iters | fwd ms | fwd+bwd ms | extra MiB (fwd+bwd) | saved for bwd MiB | elements/s (fwd) |"
+            "| rows x cols | dtype | iters | fwd ms | fwd+bwd ms | extra MiB (fwd+bwd) | saved for bwd MiB | elements/s (fwd) | error out / grad |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for &iters in &args.iters {
             for &(rows, cols) in shapes {
                 for &dtype in &args.dtypes {
@@ -151,13 +163,76 @@ mod gpu {
         Ok(())
     }
 
+    /// Rows of each shape checked against the f64 CPU implementation.
+    const CHECKED_ROWS: usize = 4;
+
+    /// Errors of the kernels' output and score gradient (max |a − b| / max |b|) on the first
+    /// [`CHECKED_ROWS`] rows, against the f64 CPU implementation given the same inputs
+    /// rounded to `F`: what remains is the kernels' arithmetic and the rounding of their
+    /// results to `F`.
+    fn errors<F: CubeElement + Float>(
+        client: &ComputeClient<Gpu>,
+        [scores, grad]: [&[f32]; 2],
+        [output, d_scores]: [Handle; 2],
+        cols: usize,
+        iters: usize,
+    ) -> Result<(f64, f64)>
+    where
+        f32: From<F>,
+    {
+        type Cpu = Autodiff<NdArray<f64>>;
+        let rows = (scores.len() / cols).min(CHECKED_ROWS);
+        let round = |values: &[f32]| -> Vec<f64> {
+            values[..rows * cols]
+                .iter()
+                .map(|&v| f32::from(F::new(v)) as f64)
+                .collect()
+        };
+        let read = |handle: Handle| -> Result<Vec<f64>> {
+            let bytes = client
+                .read_one(handle)
+                .map_err(|e| anyhow::anyhow!("reading a result back: {e:?}"))?;
+            Ok(F::from_bytes(&bytes)[..rows * cols]
+                .iter()
+                .map(|&v| f32::from(v) as f64)
+                .collect())
+        };
+        let device = Default::default();
+        let tensor =
+            |values| Tensor::<Cpu, 2>::from_data(TensorData::new(values, [rows, cols]), &device);
+        let scores = tensor(round(scores)).require_grad();
+        let k = f32::from(F::new(cols as f32 / 8.0)) as f64;
+        let y = coor_descent(scores.clone(), k, None, &router_config(iters))?;
+        let grads = (y.clone() * tensor(round(grad))).sum().backward();
+        let values = |t: Tensor<NdArray<f64>, 2>| t.into_data().to_vec::<f64>().expect("f64 data");
+        let expected_output = values(y.inner());
+        let expected_gradient = values(scores.grad(&grads).context("no gradient for the scores")?);
+        Ok((
+            relative_error(&read(output)?, &expected_output),
+            relative_error(&read(d_scores)?, &expected_gradient),
+        ))
+    }
+
+    /// max |a − b| / max |b|.
+    fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        diff / b.iter().map(|y| y.abs()).fold(f64::MIN_POSITIVE, f64::max)
+    }
+
     fn measure<F: CubeElement + Float>(
         client: &ComputeClient<Gpu>,
         args: &CdArgs,
         rows: usize,
         cols: usize,
         iters: usize,
-    ) -> Result<String> {
+    ) -> Result<String>
+    where
+        f32: From<F>,
+    {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let normal = |rng: &mut ChaCha8Rng, scale: f32| -> Vec<f32> {
             use rand::Rng;
@@ -168,8 +243,9 @@ mod gpu {
                 })
                 .collect()
         };
-        let scores = upload::<F>(client, &normal(&mut rng, 3.0));
-        let grad = upload::<F>(client, &normal(&mut rng, 1.0));
+        let (scores_host, grad_host) = (normal(&mut rng, 3.0), normal(&mut rng, 1.0));
+        let scores = upload::<F>(client, &scores_host);
+        let grad = upload::<F>(client, &grad_host);
         let k = upload::<F>(client, &vec![cols as f32 / 8.0; rows]);
         let schedule = schedule(iters);
         let inputs = Inputs {
@@ -195,10 +271,17 @@ mod gpu {
         let gradients =
             colt5_kernels::backward::<Gpu, F, u8>(client, &inputs, &schedule, &thresholds, &grad)?;
         let extra = bytes_in_use(client)?.saturating_sub(before);
-        drop((output, thresholds, gradients));
+        let (output_error, gradient_error) = errors::<F>(
+            client,
+            [&scores_host, &grad_host],
+            [output, gradients.0],
+            cols,
+            iters,
+        )?;
+        drop(thresholds);
         let mib = |bytes: f64| bytes / (1 << 20) as f64;
         Ok(format!(
-            "{forward_ms:.3} | {both_ms:.3} | {:.1} | {:.2} | {:.2e}",
+            "{forward_ms:.3} | {both_ms:.3} | {:.1} | {:.2} | {:.2e} | {output_error:.1e} / {gradient_error:.1e}",
             mib(extra as f64),
             mib((rows * iters * 4) as f64),
             (rows * cols * iters) as f64 / (forward_ms * 1e-3)

@@ -1,8 +1,11 @@
 //! The CubeCL kernels. Every row is handled by one group of units: a plane (warp) for short
-//! rows, several rows to a cube, or a whole cube for long rows. Arithmetic is f32 whatever
-//! the storage type. The kernels use the fast exp and log intrinsics: their arguments are
-//! finite (masked scores are −1e30, not −inf) and every log is of a sum ≥ 1 (the entry at
-//! the shift contributes exp(0)).
+//! rows, several rows to a cube, or a cube of several planes for longer rows. Each unit holds
+//! its first `per_unit` entries of the row (entries lane, lane + group, …) in registers for
+//! the whole call, so the iterations read no memory; entries beyond `per_unit · group` (rows
+//! longer than the largest group can hold) are streamed from memory each iteration.
+//! Arithmetic is f32 whatever the storage type. The kernels use the fast exp and log
+//! intrinsics: their arguments are finite (masked scores are −1e30, not −inf) and every log
+//! is of a sum ≥ 1 (the entry at the shift contributes exp(0)).
 
 // Nested `if comptime![..] { if .. }` is deliberate: the outer test is resolved when the
 // kernel is compiled; merged with the inner one it would become a run-time condition.
@@ -51,7 +54,7 @@ fn group_max(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u
     best
 }
 
-/// Score `j` of the row starting at `base`, with masked entries at [`MASKED_SCORE`].
+/// Score at `index`, with masked entries at [`MASKED_SCORE`].
 #[cube]
 fn score<F: Float, M: Int>(
     scores: &Array<F>,
@@ -68,16 +71,6 @@ fn score<F: Float, M: Int>(
     value
 }
 
-/// Whether entry `index` takes part (always, without a mask).
-#[cube]
-fn valid<M: Int>(mask: &Array<M>, index: usize, #[comptime] masked: bool) -> bool {
-    let mut keep = true;
-    if comptime![masked] {
-        keep = mask[index] != M::new(0);
-    }
-    keep
-}
-
 /// The row this unit works on and its position in the row's group.
 #[cube]
 fn row_and_lane() -> (usize, usize) {
@@ -88,26 +81,77 @@ fn row_and_lane() -> (usize, usize) {
     )
 }
 
-/// Row maximum (masked entries at [`MASKED_SCORE`]).
+/// The part of a row one unit holds: its resident entries (slot i is entry
+/// `lane + i · group`; slots past the row's end, `live` onwards, hold [`MASKED_SCORE`]) and
+/// where its streamed entries start.
+#[derive(CubeType)]
+struct Share {
+    resident: Array<f32>,
+    live: u32,
+    base: usize,
+    lane: usize,
+    n: usize,
+    streamed_from: usize,
+}
+
+/// Loads the unit's share of the row starting at `base`.
 #[cube]
-fn row_max<F: Float, M: Int>(
+fn load_share<F: Float, M: Int>(
     scores: &Array<F>,
     mask: &Array<M>,
     base: usize,
     n: usize,
     lane: usize,
-    partials: &mut SharedMemory<f32>,
+    #[comptime] per_unit: u32,
     #[comptime] masked: bool,
-    #[comptime] planes: u32,
-) -> f32 {
+) -> Share {
     let group = CUBE_DIM_X as usize;
-    let mut best = f32::new(MASKED_SCORE);
-    let mut j = lane;
-    while j < n {
-        best = f32::max(best, score::<F, M>(scores, mask, base + j, masked));
-        j += group;
+    let mut resident = Array::<f32>::new(comptime![per_unit as usize]);
+    let mut live = 0u32;
+    #[unroll]
+    for i in 0..per_unit {
+        let j = lane + i as usize * group;
+        let mut value = f32::new(MASKED_SCORE);
+        if j < n {
+            value = score::<F, M>(scores, mask, base + j, masked);
+            live += 1;
+        }
+        resident[i as usize] = value;
     }
-    group_max(best, partials, planes)
+    Share {
+        resident,
+        live,
+        base,
+        lane,
+        n,
+        streamed_from: per_unit as usize * group + lane,
+    }
+}
+
+/// Row maximum (masked entries at [`MASKED_SCORE`]).
+#[cube]
+fn row_max<F: Float, M: Int>(
+    share: &Share,
+    scores: &Array<F>,
+    mask: &Array<M>,
+    partials: &mut SharedMemory<f32>,
+    #[comptime] layout: KernelLayout,
+    #[comptime] masked: bool,
+) -> f32 {
+    let mut best = f32::new(MASKED_SCORE);
+    #[unroll]
+    for i in 0..layout.per_unit {
+        best = f32::max(best, share.resident[i as usize]);
+    }
+    if comptime![layout.streamed] {
+        let group = CUBE_DIM_X as usize;
+        let mut j = share.streamed_from;
+        while j < share.n {
+            best = f32::max(best, score::<F, M>(scores, mask, share.base + j, masked));
+            j += group;
+        }
+    }
+    group_max(best, partials, layout.planes)
 }
 
 /// Number of valid entries, at least 1 so that a fully masked row stays finite (n without a
@@ -115,65 +159,94 @@ fn row_max<F: Float, M: Int>(
 #[cube]
 fn valid_count<M: Int>(
     mask: &Array<M>,
-    base: usize,
-    n: usize,
-    lane: usize,
+    share: &Share,
     partials: &mut SharedMemory<f32>,
+    #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
-    #[comptime] planes: u32,
 ) -> f32 {
-    let mut count = f32::cast_from(n as u32);
+    let mut count = f32::cast_from(share.n as u32);
     if comptime![masked] {
         let group = CUBE_DIM_X as usize;
         let mut local = 0.0f32;
-        let mut j = lane;
-        while j < n {
-            if mask[base + j] != M::new(0) {
+        let mut j = share.lane;
+        while j < share.n {
+            if mask[share.base + j] != M::new(0) {
                 local += 1.0;
             }
             j += group;
         }
-        count = f32::max(group_sum(local, partials, planes), 1.0);
+        count = f32::max(group_sum(local, partials, layout.planes), 1.0);
     }
     count
 }
 
 /// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and (when `with_above`; else
-/// 0, saving a reduction) the part of it from entries above the ceiling.
+/// 0, saving a reduction) the part of it from entries above the ceiling. The resident
+/// entries' terms are left in `weights` (0 past the row's end).
 #[cube]
 fn partition<F: Float, M: Int>(
+    share: &Share,
+    weights: &mut Array<f32>,
     scores: &Array<F>,
     mask: &Array<M>,
-    base: usize,
-    n: usize,
-    lane: usize,
     ceiling: f32,
     shift: f32,
     inv_eps: f32,
     partials: &mut SharedMemory<f32>,
+    #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
-    #[comptime] planes: u32,
     #[comptime] with_above: bool,
 ) -> (f32, f32) {
-    let group = CUBE_DIM_X as usize;
     let mut total = 0.0f32;
     let mut above = 0.0f32;
-    let mut j = lane;
-    while j < n {
-        let s = score::<F, M>(scores, mask, base + j, masked);
-        let w = f32::exp((f32::min(s, ceiling) - shift) * inv_eps);
+    #[unroll]
+    for i in 0..layout.per_unit {
+        let s = share.resident[i as usize];
+        let w = select(
+            i < share.live,
+            f32::exp((f32::min(s, ceiling) - shift) * inv_eps),
+            0.0,
+        );
+        weights[i as usize] = w;
         total += w;
-        if s > ceiling {
-            above += w;
+        if comptime![with_above] {
+            above += select(s > ceiling, w, 0.0);
         }
-        j += group;
     }
-    let total = group_sum(total, partials, planes);
+    if comptime![layout.streamed] {
+        let group = CUBE_DIM_X as usize;
+        let mut j = share.streamed_from;
+        while j < share.n {
+            let s = score::<F, M>(scores, mask, share.base + j, masked);
+            let w = f32::exp((f32::min(s, ceiling) - shift) * inv_eps);
+            total += w;
+            if comptime![with_above] {
+                above += select(s > ceiling, w, 0.0);
+            }
+            j += group;
+        }
+    }
+    let total = group_sum(total, partials, layout.planes);
     let mut above_total = 0.0f32;
     if comptime![with_above] {
-        above_total = group_sum(above, partials, planes);
+        above_total = group_sum(above, partials, layout.planes);
     }
     (total, above_total)
+}
+
+/// How a launch maps rows onto units, fixed when the kernel is compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelLayout {
+    /// Planes per row's group (1: one plane per row, several rows to a cube).
+    pub planes: u32,
+    /// Entries of the row each unit holds in registers.
+    pub per_unit: u32,
+    /// Whether rows are longer than the group holds, the rest being streamed from memory.
+    pub streamed: bool,
+    /// Rows per cube.
+    pub rows_per_cube: u32,
+    /// Capacity of the backward's per-iteration coefficients (streamed rows only).
+    pub max_steps: u32,
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
@@ -189,8 +262,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     rows: u32,
     n: u32,
     steps: u32,
+    #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
-    #[comptime] planes: u32,
 ) {
     let mut partials = SharedMemory::<f32>::new(32usize);
     let (row, lane) = row_and_lane();
@@ -201,9 +274,10 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let n = n as usize;
     let steps = steps as usize;
-    let base = row * n;
-    let row_max = row_max::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
-    let n_valid = valid_count::<M>(mask, base, n, lane, &mut partials, masked, planes);
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
+    let n_valid = valid_count::<M>(mask, &share, &mut partials, layout, masked);
     let log_k = f32::ln(f32::cast_from(k[row]));
     let mut a = schedule[0] * (log_k - f32::ln(n_valid));
     if lane == 0 {
@@ -214,17 +288,16 @@ pub fn coor_descent_forward<F: Float, M: Int>(
         let ceiling = -a;
         let shift = f32::min(row_max, ceiling);
         let (total, _above) = partition::<F, M>(
+            &share,
+            &mut weights,
             scores,
             mask,
-            base,
-            n,
-            lane,
             ceiling,
             shift,
             1.0 / eps,
             &mut partials,
+            layout,
             masked,
-            planes,
             false,
         );
         a = eps * (log_k - f32::ln(total)) - shift;
@@ -234,22 +307,50 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let inv_eps = 1.0 / schedule[steps];
     let group = CUBE_DIM_X as usize;
-    let mut j = lane;
-    while j < n {
-        let s = score::<F, M>(scores, mask, base + j, masked);
-        let mut y = f32::exp(f32::min(s + a, 0.0) * inv_eps);
-        if !valid::<M>(mask, base + j, masked) {
-            y = 0.0;
+    #[unroll]
+    for i in 0..layout.per_unit {
+        if i < share.live {
+            let y = soft_top_k(share.resident[i as usize], a, inv_eps);
+            output[share.base + lane + i as usize * group] = F::cast_from(y);
         }
-        output[base + j] = F::cast_from(y);
-        j += group;
+    }
+    if comptime![layout.streamed] {
+        let mut j = share.streamed_from;
+        while j < n {
+            let s = score::<F, M>(scores, mask, share.base + j, masked);
+            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
+            j += group;
+        }
     }
 }
 
+/// The output for score `s` at threshold `a`: 0 when masked (even in a fully masked row,
+/// whose threshold rises to meet the masked scores).
+#[cube]
+fn soft_top_k(s: f32, a: f32, inv_eps: f32) -> f32 {
+    select(
+        s > MASKED_SCORE,
+        f32::exp(f32::min(s + a, 0.0) * inv_eps),
+        0.0,
+    )
+}
+
+/// The gradient of the output at temperature `inv_eps_out` with respect to a valid score
+/// below the last threshold, from the output gradient `g` (0 above it and when masked).
+#[cube]
+fn output_slope(s: f32, a_last: f32, g: f32, inv_eps_out: f32) -> f32 {
+    select(
+        s + a_last <= 0.0 && s > MASKED_SCORE,
+        g * f32::exp((s + a_last) * inv_eps_out),
+        0.0,
+    )
+}
+
 /// The exact reverse sweep (DESIGN §1) from the thresholds of the forward: gradients with
-/// respect to the scores and to k. `coefficients` (shared, 3 per iteration and row of the
-/// cube) carries each iteration's ā_t/Z_t, ceiling and shift from the sweep to the final
-/// pass, so the gradient is written once.
+/// respect to the scores and to k. Resident entries accumulate their gradient in registers
+/// during the sweep; for streamed entries `coefficients` (shared, 3 per iteration and row of
+/// the cube) carries each iteration's ā_t/Z_t, ceiling and shift to a final pass, so their
+/// gradient too is written once.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_backward<F: Float, M: Int>(
     scores: &Array<F>,
@@ -263,96 +364,128 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     rows: u32,
     n: u32,
     steps: u32,
+    #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
-    #[comptime] planes: u32,
-    #[comptime] max_steps: u32,
-    #[comptime] rows_per_cube: u32,
 ) {
     let mut partials = SharedMemory::<f32>::new(32usize);
-    let mut coefficients =
-        SharedMemory::<f32>::new(comptime![(3 * max_steps * rows_per_cube) as usize]);
+    let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
+        (3 * layout.max_steps * layout.rows_per_cube) as usize
+    } else {
+        1usize
+    }]);
     let (row, lane) = row_and_lane();
-    // Rows past the end still reach the barrier below: they only skip the memory accesses.
+    // Rows past the end still reach the barriers: they only skip the memory writes.
     let active = row < rows as usize;
     let row = select(active, row, 0usize);
     let n = n as usize;
     let steps = steps as usize;
-    let base = row * n;
     let group = CUBE_DIM_X as usize;
-    let slot = UNIT_POS_Y as usize * 3 * max_steps as usize;
-    let row_max = row_max::<F, M>(scores, mask, base, n, lane, &mut partials, masked, planes);
+    let slot = UNIT_POS_Y as usize * 3 * layout.max_steps as usize;
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let base = share.base;
+    let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
+    let mut resident_grad = Array::<f32>::new(comptime![layout.per_unit as usize]);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
     let a_last = thresholds[row * steps + steps - 1];
     let inv_eps_out = 1.0 / schedule[steps];
 
-    // ā_T = Σ_j g_j ∂y_j/∂a.
+    // ā_T = Σ_j g_j ∂y_j/∂a; each entry's own term starts its gradient.
     let mut local = 0.0f32;
-    let mut j = lane;
-    while j < n {
-        let s = score::<F, M>(scores, mask, base + j, masked);
-        if s + a_last <= 0.0 && valid::<M>(mask, base + j, masked) {
-            local += f32::cast_from(grad[base + j]) * f32::exp((s + a_last) * inv_eps_out);
+    #[unroll]
+    for i in 0..layout.per_unit {
+        let mut slope = 0.0f32;
+        if i < share.live {
+            let g = f32::cast_from(grad[base + lane + i as usize * group]);
+            slope = output_slope(share.resident[i as usize], a_last, g, inv_eps_out);
         }
-        j += group;
+        local += slope;
+        resident_grad[i as usize] = slope * inv_eps_out;
     }
-    let mut d_a = group_sum(local, &mut partials, planes) * inv_eps_out;
+    if comptime![layout.streamed] {
+        let mut j = share.streamed_from;
+        while j < n {
+            let s = score::<F, M>(scores, mask, base + j, masked);
+            local += output_slope(s, a_last, f32::cast_from(grad[base + j]), inv_eps_out);
+            j += group;
+        }
+    }
+    let mut d_a = group_sum(local, &mut partials, layout.planes) * inv_eps_out;
     let mut d_log_k = d_a * schedule[steps - 1];
 
-    // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t.
+    // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t,
+    // p_j = weight_j / Z for the entries below the ceiling.
     let mut t = steps;
     while t >= 2 {
         let eps = schedule[t - 1];
         let ceiling = -thresholds[row * steps + t - 2];
         let shift = f32::min(row_max, ceiling);
         let (total, above) = partition::<F, M>(
+            &share,
+            &mut weights,
             scores,
             mask,
-            base,
-            n,
-            lane,
             ceiling,
             shift,
             1.0 / eps,
             &mut partials,
+            layout,
             masked,
-            planes,
             true,
         );
-        if lane == 0 {
-            coefficients[slot + 3 * (t - 2)] = d_a / total;
-            coefficients[slot + 3 * (t - 2) + 1] = ceiling;
-            coefficients[slot + 3 * (t - 2) + 2] = shift;
+        let coefficient = d_a / total;
+        #[unroll]
+        for i in 0..layout.per_unit {
+            if share.resident[i as usize] <= ceiling {
+                resident_grad[i as usize] -= coefficient * weights[i as usize];
+            }
+        }
+        if comptime![layout.streamed] {
+            if lane == 0 {
+                coefficients[slot + 3 * (t - 2)] = coefficient;
+                coefficients[slot + 3 * (t - 2) + 1] = ceiling;
+                coefficients[slot + 3 * (t - 2) + 2] = shift;
+            }
         }
         // 1 − Σ_below p = Σ_above p, computed directly to avoid the cancellation.
         d_a *= above / total;
         d_log_k += d_a * schedule[t - 2];
         t -= 1;
     }
-    sync_cube();
 
     if active {
-        let mut j = lane;
-        while j < n {
-            let s = score::<F, M>(scores, mask, base + j, masked);
-            let mut ds = 0.0f32;
-            if valid::<M>(mask, base + j, masked) {
-                if s + a_last <= 0.0 {
-                    ds = f32::cast_from(grad[base + j])
-                        * f32::exp((s + a_last) * inv_eps_out)
-                        * inv_eps_out;
-                }
-                for u in 0..steps - 1 {
-                    let ceiling = coefficients[slot + 3 * u + 1];
-                    if s <= ceiling {
-                        let shift = coefficients[slot + 3 * u + 2];
-                        ds -= coefficients[slot + 3 * u] * f32::exp((s - shift) / schedule[u + 1]);
+        #[unroll]
+        for i in 0..layout.per_unit {
+            if i < share.live {
+                let s = share.resident[i as usize];
+                let ds = select(s > MASKED_SCORE, resident_grad[i as usize], 0.0);
+                d_scores[base + lane + i as usize * group] = F::cast_from(ds);
+            }
+        }
+    }
+    if comptime![layout.streamed] {
+        sync_cube();
+        if active {
+            let mut j = share.streamed_from;
+            while j < n {
+                let s = score::<F, M>(scores, mask, base + j, masked);
+                let g = f32::cast_from(grad[base + j]);
+                let mut ds = output_slope(s, a_last, g, inv_eps_out) * inv_eps_out;
+                if s > MASKED_SCORE {
+                    for u in 0..steps - 1 {
+                        let ceiling = coefficients[slot + 3 * u + 1];
+                        if s <= ceiling {
+                            let shift = coefficients[slot + 3 * u + 2];
+                            ds -= coefficients[slot + 3 * u]
+                                * f32::exp((s - shift) / schedule[u + 1]);
+                        }
                     }
                 }
+                d_scores[base + j] = F::cast_from(ds);
+                j += group;
             }
-            d_scores[base + j] = F::cast_from(ds);
-            j += group;
         }
-        if lane == 0 {
-            d_k[row] = F::cast_from(d_log_k / f32::cast_from(k[row]));
-        }
+    }
+    if active && lane == 0 {
+        d_k[row] = F::cast_from(d_log_k / f32::cast_from(k[row]));
     }
 }

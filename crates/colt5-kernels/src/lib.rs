@@ -16,14 +16,16 @@ mod kernels;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-pub use kernels::{coor_descent_backward, coor_descent_forward};
+pub use kernels::{coor_descent_backward, coor_descent_forward, KernelLayout};
 
-/// Rows of at most this many entries per plane unit go one plane to a row.
-const PLANE_ROW_ENTRIES_PER_UNIT: usize = 128;
-/// Units of a cube in the plane layout.
+/// Units of a cube when each row takes one plane.
 const PLANE_LAYOUT_CUBE: usize = 256;
-/// The most units a long row gets (one cube).
+/// The most units a row's group gets (one cube).
 const MAX_GROUP: usize = 1024;
+/// Entries of a row each unit of the forward holds in registers, at most.
+const FORWARD_RESIDENT: usize = 32;
+/// The same for the backward, which also keeps each entry's gradient and weight there.
+const BACKWARD_RESIDENT: usize = 16;
 /// Shared memory the backward's per-iteration coefficients may take (bytes).
 const COEFFICIENT_BYTES: usize = 16 * 1024;
 /// The most iterations the kernels take.
@@ -79,47 +81,64 @@ impl std::fmt::Display for LaunchError {
 
 impl std::error::Error for LaunchError {}
 
-/// How rows map onto units.
+/// How rows map onto units: the compile-time part, and the cube shape and count.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
-    /// Units per row (a plane, or a cube of `planes` planes).
+    kernel: KernelLayout,
+    /// Units per row.
     group: u32,
-    /// Planes per row's group.
-    planes: u32,
-    /// Rows per cube.
-    rows_per_cube: u32,
     cubes: usize,
 }
 
 impl Layout {
-    fn new<R: Runtime>(client: &ComputeClient<R>, shape: Rows, steps: usize) -> Layout {
-        let plane = client.properties().hardware.plane_size_max.max(1) as usize;
-        if shape.n <= PLANE_ROW_ENTRIES_PER_UNIT * plane {
-            let coefficient_rows = COEFFICIENT_BYTES / (12 * max_steps(steps));
-            let rows_per_cube = (PLANE_LAYOUT_CUBE / plane).clamp(1, coefficient_rows.max(1));
-            Layout {
-                group: plane as u32,
-                planes: 1,
-                rows_per_cube: rows_per_cube as u32,
-                cubes: shape.rows.div_ceil(rows_per_cube),
-            }
+    /// The smallest group (a plane, or a power-of-two number of planes up to a cube) that
+    /// holds the row in registers at `resident` entries per unit; the longest rows take the
+    /// largest group and stream what does not fit.
+    fn new<R: Runtime>(
+        client: &ComputeClient<R>,
+        shape: Rows,
+        steps: usize,
+        resident: usize,
+    ) -> Layout {
+        let hardware = &client.properties().hardware;
+        let plane = hardware.plane_size_max.max(1) as usize;
+        // At most 32 planes: the partial sums' shared buffer.
+        let max_group = (hardware.max_units_per_cube as usize)
+            .min(MAX_GROUP)
+            .min(32 * plane)
+            .max(plane);
+        let mut group = plane;
+        while group * resident < shape.n && group * 2 <= max_group {
+            group *= 2;
+        }
+        let per_unit = shape.n.div_ceil(group).min(resident);
+        let streamed = per_unit * group < shape.n;
+        let max_steps = max_steps(steps);
+        let rows_per_cube = if group == plane {
+            let coefficient_rows = if streamed {
+                COEFFICIENT_BYTES / (12 * max_steps)
+            } else {
+                usize::MAX
+            };
+            (PLANE_LAYOUT_CUBE / plane).clamp(1, coefficient_rows.max(1))
         } else {
-            // About 16 entries per unit, whole planes, at most 32 planes (the partial sums'
-            // shared buffer).
-            let planes = (shape.n / 16)
-                .div_ceil(plane)
-                .clamp(1, (MAX_GROUP / plane).min(32));
-            Layout {
-                group: (planes * plane) as u32,
-                planes: planes as u32,
-                rows_per_cube: 1,
-                cubes: shape.rows,
-            }
+            1
+        };
+        Layout {
+            kernel: KernelLayout {
+                planes: (group / plane) as u32,
+                per_unit: per_unit as u32,
+                streamed,
+                rows_per_cube: rows_per_cube as u32,
+                max_steps: max_steps as u32,
+            },
+            group: group as u32,
+            cubes: shape.rows.div_ceil(rows_per_cube),
         }
     }
 
     fn cube_dim(&self) -> CubeDim {
-        CubeDim::new_2d(self.group, self.rows_per_cube)
+        CubeDim::new_2d(self.group, self.kernel.rows_per_cube)
     }
 
     fn cube_count(&self) -> CubeCount {
@@ -171,7 +190,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         schedule_handle,
         mask,
         mask_len,
-    } = Launch::new::<R, M>(client, inputs, schedule)?;
+    } = Launch::new::<R, M>(client, inputs, schedule, FORWARD_RESIDENT)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -188,8 +207,8 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             rows as u32,
             n as u32,
             steps as u32,
+            layout.kernel,
             inputs.mask.is_some(),
-            layout.planes,
         );
     }
     Ok((output, thresholds))
@@ -213,7 +232,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         schedule_handle,
         mask,
         mask_len,
-    } = Launch::new::<R, M>(client, inputs, schedule)?;
+    } = Launch::new::<R, M>(client, inputs, schedule, BACKWARD_RESIDENT)?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -232,10 +251,8 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             rows as u32,
             n as u32,
             steps as u32,
+            layout.kernel,
             inputs.mask.is_some(),
-            layout.planes,
-            max_steps(steps) as u32,
-            layout.rows_per_cube,
         );
     }
     Ok((d_scores, d_k))
@@ -258,6 +275,7 @@ impl Launch {
         client: &ComputeClient<R>,
         inputs: &Inputs,
         schedule: &Schedule,
+        resident: usize,
     ) -> Result<Launch, LaunchError> {
         check(inputs.shape, schedule)?;
         let Rows { rows, n } = inputs.shape;
@@ -270,7 +288,7 @@ impl Launch {
             rows,
             n,
             steps,
-            layout: Layout::new(client, inputs.shape, steps),
+            layout: Layout::new(client, inputs.shape, steps, resident),
             schedule_handle: client.create_from_slice(f32::as_bytes(&schedule.0)),
             mask,
             mask_len,

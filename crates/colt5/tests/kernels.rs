@@ -32,6 +32,7 @@ struct Case {
 
 /// Output, gradient with respect to the scores and (per-row k) to k, of L = Σ y·g.
 struct Result {
+    scores: Vec<f64>,
     output: Vec<f64>,
     d_scores: Vec<f64>,
     d_k: Option<Vec<f64>>,
@@ -77,7 +78,8 @@ impl Case {
                 .map(|v| v as f32 as f64)
                 .collect()
         };
-        let scores = float(draw(self.seed, 3.0), shape).require_grad();
+        let score_values = draw(self.seed, 3.0);
+        let scores = float(score_values.clone(), shape).require_grad();
         let grad = float(draw(self.seed + 1, 1.0), shape);
         let k_values = self.k_values();
         let k_tensor = Tensor::<B, 1>::from_data(
@@ -99,6 +101,7 @@ impl Case {
             t.into_data().convert::<f64>().to_vec().unwrap()
         };
         Result {
+            scores: score_values,
             output: values(y.inner()),
             d_scores: values(scores.grad(&grads).unwrap()),
             d_k: self.per_row_k.then(|| {
@@ -129,15 +132,92 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     diff / scale
 }
 
+/// Whether each entry lies within `margin` of one of its row's thresholds −a_t (computed
+/// here in f64 from the reference's update): the output is min(s, −a_t) inside the
+/// iterations, so its derivative with respect to s jumps there, and an f32 and an f64
+/// computation whose thresholds differ by rounding may take different sides.
+fn near_a_kink(case: &Case, scores: &[f64], margin: f64) -> Vec<bool> {
+    let temperatures = case.config.temperatures().expect("an iterative solver");
+    let keep = case.masked.then(|| case.mask_values());
+    let k = case.k_values();
+    let mut near = vec![false; scores.len()];
+    for (row, row_scores) in scores.chunks(case.n).enumerate() {
+        let valid = |j: usize| keep.as_ref().is_none_or(|keep| keep[row * case.n + j]);
+        let live: Vec<f64> = (0..case.n)
+            .filter(|&j| valid(j))
+            .map(|j| row_scores[j])
+            .collect();
+        if live.is_empty() {
+            continue;
+        }
+        let row_max = live.iter().copied().fold(f64::MIN, f64::max);
+        let log_k = k[row].ln();
+        let mut a = temperatures[0] * (log_k - (live.len() as f64).ln());
+        let mut ceilings = vec![-a];
+        for &eps in &temperatures[1..temperatures.len() - 1] {
+            let ceiling = -a;
+            let shift = row_max.min(ceiling);
+            let total: f64 = live
+                .iter()
+                .map(|&s| ((s.min(ceiling) - shift) / eps).exp())
+                .sum();
+            a = eps * (log_k - total.ln()) - shift;
+            ceilings.push(-a);
+        }
+        for (j, &s) in row_scores.iter().enumerate() {
+            near[row * case.n + j] = valid(j) && ceilings.iter().any(|c| (s - c).abs() < margin);
+        }
+    }
+    near
+}
+
 fn check(case: Case) {
     let gpu = case.run::<Autodiff<Gpu>>(&Default::default());
     let reference = case.run::<Reference>(&Default::default());
     let eps = case.config.eps;
     let output = relative_error(&gpu.output, &reference.output);
-    let d_scores = relative_error(&gpu.d_scores, &reference.d_scores);
+    // The score gradients are compared to the tolerance away from the kinks (f32 thresholds
+    // carry errors of about 1e-6 of the scores' scale), and ten times more loosely at them:
+    // a few entries per row (the k-th largest converges onto the threshold).
+    let max_score = reference
+        .scores
+        .iter()
+        .fold(1.0, |m: f64, s| m.max(s.abs()));
+    let near = near_a_kink(&case, &reference.scores, 1e-5 * max_score);
+    let left_out = near.iter().filter(|&&n| n).count();
+    assert!(
+        left_out <= 8 * case.rows + near.len() / 1000,
+        "{left_out} of {} entries lie near a threshold",
+        near.len()
+    );
+    let split = |values: &[f64], at_kinks: bool| -> Vec<f64> {
+        values
+            .iter()
+            .zip(&near)
+            .map(|(&v, &n)| if n == at_kinks { v } else { 0.0 })
+            .collect()
+    };
+    let d_scores = relative_error(
+        &split(&gpu.d_scores, false),
+        &split(&reference.d_scores, false),
+    );
+    let kink_diff = split(&gpu.d_scores, true)
+        .iter()
+        .zip(split(&reference.d_scores, true))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let d_scores_at_kinks = kink_diff
+        / reference
+            .d_scores
+            .iter()
+            .fold(1e-6, |m: f64, v| m.max(v.abs()));
     println!(
-        "{}×{} masked {} per-row k {} {:?} eps {eps}: output {output:.1e}, d_scores {d_scores:.1e}",
+        "{}×{} masked {} per-row k {} {:?} eps {eps}: output {output:.1e}, d_scores {d_scores:.1e} ({left_out} entries at a threshold: {d_scores_at_kinks:.1e})",
         case.rows, case.n, case.masked, case.per_row_k, case.config.solver
+    );
+    assert!(
+        d_scores_at_kinks < 1e-3 / eps,
+        "score gradient error at the thresholds {d_scores_at_kinks:e}"
     );
     // ../shared/golden/README.md: f32 outputs 1e-5/eps, gradients 1e-4/eps (relative).
     assert!(output < 1e-5 / eps, "output error {output:e}");
