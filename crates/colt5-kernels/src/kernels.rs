@@ -13,6 +13,10 @@
 
 use cubecl::prelude::*;
 
+/// How far (in units of the temperature) the shift may move from the anchor of anchored
+/// weights before they are recomputed: weights stay within e^±30 of the anchor's.
+const ANCHOR_MARGIN: f32 = 30.0;
+
 /// Stands in for masked scores: far below any real score, finite in f32.
 const MASKED_SCORE: f32 = -1.0e30;
 
@@ -180,37 +184,73 @@ fn valid_count<M: Int>(
     count
 }
 
-/// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and (when `with_above`; else
-/// 0, saving a reduction) the part of it from entries above the ceiling. The resident
-/// entries' terms are left in `weights` (0 past the row's end).
+/// Where an iteration's weights exp((min(s_j, ceiling) − reference)·inv_eps) come from.
+#[derive(CubeType, Clone, Copy)]
+struct Weighting {
+    ceiling: f32,
+    /// The score the weights are taken relative to: the shift min(row max, ceiling), or the
+    /// anchor of anchored weights.
+    reference: f32,
+    inv_eps: f32,
+    /// Whether `weights` holds each resident entry's anchored weight (see [`Anchor`]), from
+    /// which this iteration's weight is min(anchored, bound), with no exp.
+    anchored: bool,
+    /// exp(min(ceiling − anchor, margin)·inv_eps) when anchored.
+    bound: f32,
+}
+
+/// The weight of resident entry `i` in an iteration (after [`partition`] has run on it).
+#[cube]
+fn resident_weight(weights: &Array<f32>, i: usize, weighting: Weighting) -> f32 {
+    select(
+        weighting.anchored,
+        f32::min(weights[i], weighting.bound),
+        weights[i],
+    )
+}
+
+/// Σ_j exp((min(s_j, ceiling) − reference)·inv_eps) over the row, and (when `with_above`;
+/// else 0, saving a reduction) the part of it from entries above the ceiling. Unless the
+/// weights are anchored, the resident entries' weights are left in `weights` (0 past the
+/// row's end).
 #[cube]
 fn partition<F: Float, M: Int>(
     share: &Share,
     weights: &mut Array<f32>,
     scores: &Array<F>,
     mask: &Array<M>,
-    ceiling: f32,
-    shift: f32,
-    inv_eps: f32,
+    weighting: Weighting,
     partials: &mut SharedMemory<f32>,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
     #[comptime] with_above: bool,
 ) -> (f32, f32) {
+    let ceiling = weighting.ceiling;
     let mut total = 0.0f32;
     let mut above = 0.0f32;
-    #[unroll]
-    for i in 0..layout.per_unit {
-        let s = share.resident[i as usize];
-        let w = select(
-            i < share.live,
-            f32::exp((f32::min(s, ceiling) - shift) * inv_eps),
-            0.0,
-        );
-        weights[i as usize] = w;
-        total += w;
-        if comptime![with_above] {
-            above += select(s > ceiling, w, 0.0);
+    if weighting.anchored {
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let w = f32::min(weights[i as usize], weighting.bound);
+            total += w;
+            if comptime![with_above] {
+                above += select(share.resident[i as usize] > ceiling, w, 0.0);
+            }
+        }
+    } else {
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let s = share.resident[i as usize];
+            let w = select(
+                i < share.live,
+                f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps),
+                0.0,
+            );
+            weights[i as usize] = w;
+            total += w;
+            if comptime![with_above] {
+                above += select(s > ceiling, w, 0.0);
+            }
         }
     }
     if comptime![layout.streamed] {
@@ -218,7 +258,7 @@ fn partition<F: Float, M: Int>(
         let mut j = share.streamed_from;
         while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
-            let w = f32::exp((f32::min(s, ceiling) - shift) * inv_eps);
+            let w = f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps);
             total += w;
             if comptime![with_above] {
                 above += select(s > ceiling, w, 0.0);
@@ -232,6 +272,65 @@ fn partition<F: Float, M: Int>(
         above_total = group_sum(above, partials, layout.planes);
     }
     (total, above_total)
+}
+
+/// Anchored weights at the constant temperature the schedule ends on: each resident entry's
+/// exp((min(s, anchor + margin) − anchor)·inv_eps) is computed once, and an iteration's
+/// weight exp((min(s, ceiling) − anchor)·inv_eps) is then min(it, bound), with no exp per
+/// entry and iteration. Exact while the shift min(row max, ceiling) stays within `margin` of
+/// the anchor (otherwise the weights are re-anchored at the shift), which keeps the row's
+/// largest weight within e^±margin/eps of 1.
+#[derive(CubeType)]
+struct Anchor {
+    anchor: f32,
+    /// Whether the weights are anchored yet.
+    set: bool,
+    margin: f32,
+    inv_eps: f32,
+}
+
+/// The weighting of an iteration with ceiling `ceiling`: anchored (re-anchoring `weights`
+/// first when the shift has moved too far) when `steady`, else relative to the shift.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn weighting(
+    share: &Share,
+    weights: &mut Array<f32>,
+    anchor: &mut Anchor,
+    ceiling: f32,
+    row_max: f32,
+    inv_eps: f32,
+    steady: bool,
+    #[comptime] per_unit: u32,
+) -> Weighting {
+    let shift = f32::min(row_max, ceiling);
+    let mut result = Weighting {
+        ceiling,
+        reference: shift,
+        inv_eps,
+        anchored: false,
+        bound: 0.0,
+    };
+    if steady {
+        if !anchor.set || f32::abs(shift - anchor.anchor) > anchor.margin {
+            anchor.anchor = shift;
+            anchor.set = true;
+            let top = shift + anchor.margin;
+            #[unroll]
+            for i in 0..per_unit {
+                let s = share.resident[i as usize];
+                weights[i as usize] = select(
+                    i < share.live,
+                    f32::exp((f32::min(s, top) - shift) * anchor.inv_eps),
+                    0.0,
+                );
+            }
+        }
+        result.reference = anchor.anchor;
+        result.anchored = true;
+        result.bound = f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
+    }
+    result
 }
 
 /// How a launch maps rows onto units, fixed when the kernel is compiled.
@@ -262,6 +361,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     rows: u32,
     n: u32,
     steps: u32,
+    steady: u32,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
@@ -283,29 +383,42 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     if lane == 0 {
         thresholds[row * steps] = a;
     }
+    let inv_eps_out = 1.0 / schedule[steps];
+    let mut anchor = Anchor {
+        anchor: 0.0,
+        set: false,
+        margin: ANCHOR_MARGIN / inv_eps_out,
+        inv_eps: inv_eps_out,
+    };
     for t in 1..steps {
         let eps = schedule[t];
-        let ceiling = -a;
-        let shift = f32::min(row_max, ceiling);
+        let weighting = weighting(
+            &share,
+            &mut weights,
+            &mut anchor,
+            -a,
+            row_max,
+            1.0 / eps,
+            t >= steady as usize,
+            layout.per_unit,
+        );
         let (total, _above) = partition::<F, M>(
             &share,
             &mut weights,
             scores,
             mask,
-            ceiling,
-            shift,
-            1.0 / eps,
+            weighting,
             &mut partials,
             layout,
             masked,
             false,
         );
-        a = eps * (log_k - f32::ln(total)) - shift;
+        a = eps * (log_k - f32::ln(total)) - weighting.reference;
         if lane == 0 {
             thresholds[row * steps + t] = a;
         }
     }
-    let inv_eps = 1.0 / schedule[steps];
+    let inv_eps = inv_eps_out;
     let group = CUBE_DIM_X as usize;
     #[unroll]
     for i in 0..layout.per_unit {
@@ -364,6 +477,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     rows: u32,
     n: u32,
     steps: u32,
+    steady: u32,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
@@ -414,19 +528,31 @@ pub fn coor_descent_backward<F: Float, M: Int>(
 
     // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t,
     // p_j = weight_j / Z for the entries below the ceiling.
+    let mut anchor = Anchor {
+        anchor: 0.0,
+        set: false,
+        margin: ANCHOR_MARGIN / inv_eps_out,
+        inv_eps: inv_eps_out,
+    };
     let mut t = steps;
     while t >= 2 {
         let eps = schedule[t - 1];
-        let ceiling = -thresholds[row * steps + t - 2];
-        let shift = f32::min(row_max, ceiling);
+        let weighting = weighting(
+            &share,
+            &mut weights,
+            &mut anchor,
+            -thresholds[row * steps + t - 2],
+            row_max,
+            1.0 / eps,
+            t > steady as usize,
+            layout.per_unit,
+        );
         let (total, above) = partition::<F, M>(
             &share,
             &mut weights,
             scores,
             mask,
-            ceiling,
-            shift,
-            1.0 / eps,
+            weighting,
             &mut partials,
             layout,
             masked,
@@ -435,15 +561,16 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         let coefficient = d_a / total;
         #[unroll]
         for i in 0..layout.per_unit {
-            if share.resident[i as usize] <= ceiling {
-                resident_grad[i as usize] -= coefficient * weights[i as usize];
+            if share.resident[i as usize] <= weighting.ceiling {
+                resident_grad[i as usize] -=
+                    coefficient * resident_weight(&weights, i as usize, weighting);
             }
         }
         if comptime![layout.streamed] {
             if lane == 0 {
                 coefficients[slot + 3 * (t - 2)] = coefficient;
-                coefficients[slot + 3 * (t - 2) + 1] = ceiling;
-                coefficients[slot + 3 * (t - 2) + 2] = shift;
+                coefficients[slot + 3 * (t - 2) + 1] = weighting.ceiling;
+                coefficients[slot + 3 * (t - 2) + 2] = weighting.reference;
             }
         }
         // 1 − Σ_below p = Σ_above p, computed directly to avoid the cancellation.

@@ -54,6 +54,21 @@ impl Schedule {
     pub fn steps(&self) -> usize {
         self.0.len().saturating_sub(1)
     }
+
+    /// The first update t (1 ≤ t < T; T when there is none) from which every update runs at
+    /// the output temperature: from there the kernels anchor their weights instead of
+    /// evaluating an exp per entry and iteration.
+    pub fn steady(&self) -> usize {
+        let steps = self.steps();
+        let Some(&output) = self.0.last() else {
+            return 0;
+        };
+        (1..steps)
+            .rev()
+            .take_while(|&t| self.0[t] == output)
+            .last()
+            .unwrap_or(steps)
+    }
 }
 
 /// Why a launch was refused.
@@ -207,6 +222,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             rows as u32,
             n as u32,
             steps as u32,
+            schedule.steady() as u32,
             layout.kernel,
             inputs.mask.is_some(),
         );
@@ -251,6 +267,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             rows as u32,
             n as u32,
             steps as u32,
+            schedule.steady() as u32,
             layout.kernel,
             inputs.mask.is_some(),
         );
@@ -293,5 +310,21 @@ impl Launch {
             mask,
             mask_len,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    #[test]
+    fn steady_is_where_the_schedule_reaches_the_output_temperature() {
+        // eps_1..eps_5, then the output temperature.
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0, 1.0, 1.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![1.0, 1.0, 1.0]).steady(), 1);
+        // The last update is still above the output temperature: none.
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![0.5]).steady(), 0);
+        assert_eq!(Schedule(vec![]).steady(), 0);
     }
 }
