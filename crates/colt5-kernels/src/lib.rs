@@ -7,8 +7,10 @@
 //! iteration's softmax from the scores and a_{t−1}. Scores may be f32, f16 or bf16; the
 //! arithmetic is f32.
 //!
-//! A row is handled by one plane (warp) when it is short (several rows to a cube) and by a
-//! whole cube when it is long. This crate depends only on CubeCL: `colt5` wires it into
+//! A row is handled by the smallest group of units — one plane (warp), several rows to a
+//! cube, or a cube of several planes — whose units can hold it in registers; rows longer
+//! than the largest group holds stream the rest from memory. Updates at the schedule's final
+//! temperature use anchored weights (no exp per entry and iteration; see [`Schedule::steady`]). This crate depends only on CubeCL: `colt5` wires it into
 //! burn's CubeCL backends.
 
 mod kernels;
