@@ -289,6 +289,17 @@ struct Anchor {
     inv_eps: f32,
 }
 
+/// No anchor yet, for updates at the output temperature 1 / `inv_eps_out`.
+#[cube]
+fn unset_anchor(inv_eps_out: f32) -> Anchor {
+    Anchor {
+        anchor: 0.0,
+        set: false,
+        margin: ANCHOR_MARGIN / inv_eps_out,
+        inv_eps: inv_eps_out,
+    }
+}
+
 /// The weighting of an iteration with ceiling `ceiling`: anchored (re-anchoring `weights`
 /// first when the shift has moved too far) when `steady`, else relative to the shift.
 #[cube]
@@ -384,12 +395,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
         thresholds[row * steps] = a;
     }
     let inv_eps_out = 1.0 / schedule[steps];
-    let mut anchor = Anchor {
-        anchor: 0.0,
-        set: false,
-        margin: ANCHOR_MARGIN / inv_eps_out,
-        inv_eps: inv_eps_out,
-    };
+    let mut anchor = unset_anchor(inv_eps_out);
     for t in 1..steps {
         let eps = schedule[t];
         let weighting = weighting(
@@ -418,12 +424,11 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             thresholds[row * steps + t] = a;
         }
     }
-    let inv_eps = inv_eps_out;
     let group = CUBE_DIM_X as usize;
     #[unroll]
     for i in 0..layout.per_unit {
         if i < share.live {
-            let y = soft_top_k(share.resident[i as usize], a, inv_eps);
+            let y = soft_top_k(share.resident[i as usize], a, inv_eps_out);
             output[share.base + lane + i as usize * group] = F::cast_from(y);
         }
     }
@@ -431,7 +436,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
         let mut j = share.streamed_from;
         while j < n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
-            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
+            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps_out));
             j += group;
         }
     }
@@ -528,12 +533,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
 
     // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t,
     // p_j = weight_j / Z for the entries below the ceiling.
-    let mut anchor = Anchor {
-        anchor: 0.0,
-        set: false,
-        margin: ANCHOR_MARGIN / inv_eps_out,
-        inv_eps: inv_eps_out,
-    };
+    let mut anchor = unset_anchor(inv_eps_out);
     let mut t = steps;
     while t >= 2 {
         let eps = schedule[t - 1];
