@@ -20,61 +20,24 @@ const ANCHOR_MARGIN: f32 = 30.0;
 /// Stands in for masked scores: far below any real score, finite in f32.
 const MASKED_SCORE: f32 = -1.0e30;
 
-/// Values one exchange of [`group_sums`] reduces at most.
-const MAX_SUMS: u32 = 5;
-
-/// Independent partial sums over a unit's resident entries, so that the additions are not
-/// one chain of dependent instructions.
-const ACCUMULATORS: u32 = 4;
-
-/// Weights of a [`Window`] each unit holds.
-const WINDOW_SLOTS: u32 = 4;
-
-/// How far (in units of the temperature) a new window reaches ahead of the bound, in the
-/// direction it last moved; behind it, an eighth of that.
-const WINDOW_REACH: f32 = 4.0;
-
-/// Sums each of the first `count` values over the units of a row's group, in place. `planes`
-/// is the number of planes in the group (1: the group is one plane); larger groups combine
-/// their planes' sums of all the values in one exchange through `partials`.
-#[cube]
-fn group_sums(
-    values: &mut Array<f32>,
-    partials: &mut SharedMemory<f32>,
-    #[comptime] planes: u32,
-    #[comptime] count: u32,
-) {
-    #[unroll]
-    for i in 0..count {
-        values[i as usize] = plane_sum(values[i as usize]);
-    }
-    if comptime![planes > 1] {
-        if UNIT_POS_PLANE == 0 {
-            #[unroll]
-            for i in 0..count {
-                partials[(PLANE_POS * MAX_SUMS + i) as usize] = values[i as usize];
-            }
-        }
-        sync_cube();
-        #[unroll]
-        for i in 0..count {
-            let mut total = 0.0f32;
-            for p in 0..planes {
-                total += partials[(p * MAX_SUMS + i) as usize];
-            }
-            values[i as usize] = total;
-        }
-        sync_cube();
-    }
-}
-
-/// Sum of one value over the units of a row's group (see [`group_sums`]).
+/// Sum over the units of a row's group. `planes` is the number of planes in the group (1:
+/// the group is one plane); larger groups combine their planes' sums in `partials`.
 #[cube]
 fn group_sum(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u32) -> f32 {
-    let mut values = Array::<f32>::new(1usize);
-    values[0] = value;
-    group_sums(&mut values, partials, planes, 1u32);
-    values[0]
+    let plane_total = plane_sum(value);
+    let mut total = plane_total;
+    if comptime![planes > 1] {
+        if UNIT_POS_PLANE == 0 {
+            partials[PLANE_POS as usize] = plane_total;
+        }
+        sync_cube();
+        total = 0.0;
+        for i in 0..planes {
+            total += partials[i as usize];
+        }
+        sync_cube();
+    }
+    total
 }
 
 /// Maximum over the units of a row's group (see [`group_sum`]).
@@ -229,18 +192,14 @@ struct Weighting {
     /// anchor of anchored weights.
     reference: f32,
     inv_eps: f32,
-    /// Whether `weights` holds each resident entry's anchored weight w (see [`Anchor`]), from
-    /// which this iteration's weight is min(w, bound), with no exp.
+    /// Whether `weights` holds each resident entry's anchored weight (see [`Anchor`]), from
+    /// which this iteration's weight is min(anchored, bound), with no exp.
     anchored: bool,
     /// exp(min(ceiling − anchor, margin)·inv_eps) when anchored.
     bound: f32,
-    /// The anchor plus the margin: anchored weights are exp((min(s, top) − anchor)·inv_eps).
-    top: f32,
-    /// Whether the weights were anchored afresh for this iteration.
-    fresh: bool,
 }
 
-/// The weight of resident entry `i` in an iteration (after [`iteration_sums`] has run on it).
+/// The weight of resident entry `i` in an iteration (after [`partition`] has run on it).
 #[cube]
 fn resident_weight(weights: &Array<f32>, i: usize, weighting: Weighting) -> f32 {
     select(
@@ -250,9 +209,10 @@ fn resident_weight(weights: &Array<f32>, i: usize, weighting: Weighting) -> f32 
     )
 }
 
-/// Σ_j exp((min(s_j, ceiling) − shift)·inv_eps) over the row, and (when `with_above`; else
-/// 0, saving a reduction) the part of it from entries above the ceiling. The resident
-/// entries' weights are left in `weights` (0 past the row's end).
+/// Σ_j exp((min(s_j, ceiling) − reference)·inv_eps) over the row, and (when `with_above`;
+/// else 0, saving a reduction) the part of it from entries above the ceiling. Unless the
+/// weights are anchored, the resident entries' weights are left in `weights` (0 past the
+/// row's end).
 #[cube]
 fn partition<F: Float, M: Int>(
     share: &Share,
@@ -266,25 +226,31 @@ fn partition<F: Float, M: Int>(
     #[comptime] with_above: bool,
 ) -> (f32, f32) {
     let ceiling = weighting.ceiling;
-    let mut totals = Array::<f32>::new(comptime![ACCUMULATORS as usize]);
-    #[unroll]
-    for i in 0..ACCUMULATORS {
-        totals[i as usize] = 0.0;
-    }
-    let mut sums = Array::<f32>::new(2usize);
-    sums[1] = 0.0;
-    #[unroll]
-    for i in 0..layout.per_unit {
-        let s = share.resident[i as usize];
-        let w = select(
-            i < share.live,
-            f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps),
-            0.0,
-        );
-        weights[i as usize] = w;
-        totals[(i % ACCUMULATORS) as usize] += w;
-        if comptime![with_above] {
-            sums[1] += select(s > ceiling, w, 0.0);
+    let mut total = 0.0f32;
+    let mut above = 0.0f32;
+    if weighting.anchored {
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let w = f32::min(weights[i as usize], weighting.bound);
+            total += w;
+            if comptime![with_above] {
+                above += select(share.resident[i as usize] > ceiling, w, 0.0);
+            }
+        }
+    } else {
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let s = share.resident[i as usize];
+            let w = select(
+                i < share.live,
+                f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps),
+                0.0,
+            );
+            weights[i as usize] = w;
+            total += w;
+            if comptime![with_above] {
+                above += select(s > ceiling, w, 0.0);
+            }
         }
     }
     if comptime![layout.streamed] {
@@ -293,25 +259,19 @@ fn partition<F: Float, M: Int>(
         while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
             let w = f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps);
-            totals[0] += w;
+            total += w;
             if comptime![with_above] {
-                sums[1] += select(s > ceiling, w, 0.0);
+                above += select(s > ceiling, w, 0.0);
             }
             j += group;
         }
     }
-    sums[0] = 0.0;
-    #[unroll]
-    for i in 0..ACCUMULATORS {
-        sums[0] += totals[i as usize];
+    let total = group_sum(total, partials, layout.planes);
+    let mut above_total = 0.0f32;
+    if comptime![with_above] {
+        above_total = group_sum(above, partials, layout.planes);
     }
-    group_sums(
-        &mut sums,
-        partials,
-        layout.planes,
-        comptime![if with_above { 2u32 } else { 1u32 }],
-    );
-    (sums[0], sums[1])
+    (total, above_total)
 }
 
 /// Anchored weights at the constant temperature the schedule ends on: each resident entry's
@@ -361,14 +321,11 @@ fn weighting(
         inv_eps,
         anchored: false,
         bound: 0.0,
-        top: 0.0,
-        fresh: false,
     };
     if steady {
         if !anchor.set || f32::abs(shift - anchor.anchor) > anchor.margin {
             anchor.anchor = shift;
             anchor.set = true;
-            result.fresh = true;
             let top = shift + anchor.margin;
             #[unroll]
             for i in 0..per_unit {
@@ -382,227 +339,9 @@ fn weighting(
         }
         result.reference = anchor.anchor;
         result.anchored = true;
-        result.top = anchor.anchor + anchor.margin;
         result.bound = f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
     }
     result
-}
-
-/// The anchored weights of a row around the current bound B: one pass over the row records
-/// the sum of the weights under `low`, the number at or above `high`, and (in each unit's
-/// slots) the weights in [low, high) with their scores. While B stays in that range,
-/// Σ_j min(w_j, B) = below + B·beyond + Σ_slots min(w, B) is exact from the slots alone
-/// (as is the part above the ceiling: B·beyond plus the slots' entries above it), so an
-/// update costs a few slot operations and one reduction instead of a pass over the row.
-/// The threshold moves little per update at the final temperature, and a window reaching
-/// [`WINDOW_REACH`] temperatures ahead serves many of them.
-#[derive(CubeType)]
-struct Window {
-    /// Whether the slots hold every weight in [low, high).
-    open: bool,
-    low: f32,
-    high: f32,
-    /// Σ of the weights under `low`.
-    below: f32,
-    /// Number of weights at or above `high`.
-    beyond: f32,
-    /// This unit's weights in the window (0 in unused slots)...
-    weights: Array<f32>,
-    /// ...and their scores ([`MASKED_SCORE`] in unused slots).
-    scores: Array<f32>,
-    /// Slots filled by the current pass.
-    filled: u32,
-    /// How far (× the temperature) the next window reaches ahead of the bound.
-    reach: f32,
-    /// The bound of the previous anchored update (0 before the first).
-    last_bound: f32,
-}
-
-/// No window yet.
-#[cube]
-fn closed_window() -> Window {
-    Window {
-        open: false,
-        low: 0.0,
-        high: 0.0,
-        below: 0.0,
-        beyond: 0.0,
-        weights: Array::<f32>::new(comptime![WINDOW_SLOTS as usize]),
-        scores: Array::<f32>::new(comptime![WINDOW_SLOTS as usize]),
-        filled: 0,
-        reach: WINDOW_REACH,
-        last_bound: 0.0,
-    }
-}
-
-/// Adds the entry with score `s` and anchored weight `w` to the sums of an opening pass at
-/// bound `bound` and ceiling `ceiling`: Σ min(w, B), its part from scores above the ceiling,
-/// the sum under the window, the count beyond it, and whether a slot overflowed; an entry
-/// inside the window takes the unit's next slot.
-#[cube]
-fn take(window: &mut Window, sums: &mut Array<f32>, s: f32, w: f32, bound: f32, ceiling: f32) {
-    let weight = f32::min(w, bound);
-    sums[0] += weight;
-    sums[1] += select(s > ceiling, weight, 0.0);
-    if w < window.low {
-        sums[2] += w;
-    } else if w >= window.high {
-        sums[3] += 1.0;
-    } else {
-        // Slots are registers: indexed by constants only.
-        #[unroll]
-        for j in 0..WINDOW_SLOTS {
-            if window.filled == j {
-                window.weights[j as usize] = w;
-                window.scores[j as usize] = s;
-            }
-        }
-        window.filled += 1;
-    }
-}
-
-/// A pass over the row at `weighting.bound` that opens a window around it: returns
-/// Σ_j min(w_j, B) and the part of it from entries above the ceiling.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn open_window<F: Float, M: Int>(
-    share: &Share,
-    weights: &Array<f32>,
-    scores: &Array<F>,
-    mask: &Array<M>,
-    weighting: Weighting,
-    window: &mut Window,
-    partials: &mut SharedMemory<f32>,
-    #[comptime] layout: KernelLayout,
-    #[comptime] masked: bool,
-) -> (f32, f32) {
-    let bound = weighting.bound;
-    let ceiling = weighting.ceiling;
-    // Ahead in the direction the bound last moved; both ways before the first move.
-    let rising = bound >= window.last_bound;
-    let ahead = select(window.last_bound > 0.0, window.reach, 0.5 * window.reach);
-    let behind = select(window.last_bound > 0.0, 0.125 * window.reach, ahead);
-    window.high = bound * f32::exp(select(rising, ahead, behind));
-    window.low = bound * f32::exp(-select(rising, behind, ahead));
-    window.filled = 0;
-    #[unroll]
-    for j in 0..WINDOW_SLOTS {
-        window.weights[j as usize] = 0.0;
-        window.scores[j as usize] = MASKED_SCORE;
-    }
-    let mut sums = Array::<f32>::new(comptime![MAX_SUMS as usize]);
-    #[unroll]
-    for i in 0..MAX_SUMS {
-        sums[i as usize] = 0.0;
-    }
-    #[unroll]
-    for i in 0..layout.per_unit {
-        let s = share.resident[i as usize];
-        take(window, &mut sums, s, weights[i as usize], bound, ceiling);
-    }
-    if comptime![layout.streamed] {
-        let group = CUBE_DIM_X as usize;
-        let mut j = share.streamed_from;
-        while j < share.n {
-            let s = score::<F, M>(scores, mask, share.base + j, masked);
-            let w =
-                f32::exp((f32::min(s, weighting.top) - weighting.reference) * weighting.inv_eps);
-            take(window, &mut sums, s, w, bound, ceiling);
-            j += group;
-        }
-    }
-    sums[4] = select(window.filled > WINDOW_SLOTS, 1.0, 0.0);
-    group_sums(&mut sums, partials, layout.planes, MAX_SUMS);
-    window.below = sums[2];
-    window.beyond = sums[3];
-    window.open = sums[4] == 0.0;
-    if !window.open {
-        // Too many weights for the slots: the next window reaches half as far.
-        window.reach *= 0.5;
-    }
-    (sums[0], sums[1])
-}
-
-/// Σ_j min(w_j, B) and the part from entries above the ceiling, from an open window holding
-/// the bound B.
-#[cube]
-fn window_sums(
-    window: &Window,
-    bound: f32,
-    ceiling: f32,
-    partials: &mut SharedMemory<f32>,
-    #[comptime] planes: u32,
-    #[comptime] with_above: bool,
-) -> (f32, f32) {
-    let mut sums = Array::<f32>::new(2usize);
-    sums[0] = 0.0;
-    sums[1] = 0.0;
-    #[unroll]
-    for j in 0..WINDOW_SLOTS {
-        let weight = f32::min(window.weights[j as usize], bound);
-        sums[0] += weight;
-        if comptime![with_above] {
-            sums[1] += select(window.scores[j as usize] > ceiling, weight, 0.0);
-        }
-    }
-    group_sums(
-        &mut sums,
-        partials,
-        planes,
-        comptime![if with_above { 2u32 } else { 1u32 }],
-    );
-    let beyond = bound * window.beyond;
-    (window.below + beyond + sums[0], beyond + sums[1])
-}
-
-/// An iteration's Σ_j weight_j and (when `with_above`) the part of it from entries above the
-/// ceiling: a pass over the row unless the weights are anchored and an open window holds the
-/// bound.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn iteration_sums<F: Float, M: Int>(
-    share: &Share,
-    weights: &mut Array<f32>,
-    scores: &Array<F>,
-    mask: &Array<M>,
-    weighting: Weighting,
-    window: &mut Window,
-    partials: &mut SharedMemory<f32>,
-    #[comptime] layout: KernelLayout,
-    #[comptime] masked: bool,
-    #[comptime] with_above: bool,
-) -> (f32, f32) {
-    // (Σ weight, part above the ceiling), assigned by the branch taken.
-    let mut sums = Array::<f32>::new(2usize);
-    if weighting.anchored {
-        let bound = weighting.bound;
-        if window.open && !weighting.fresh && bound >= window.low && bound < window.high {
-            let (total, above) = window_sums(
-                window,
-                bound,
-                weighting.ceiling,
-                partials,
-                layout.planes,
-                with_above,
-            );
-            sums[0] = total;
-            sums[1] = above;
-        } else {
-            let (total, above) = open_window::<F, M>(
-                share, weights, scores, mask, weighting, window, partials, layout, masked,
-            );
-            sums[0] = total;
-            sums[1] = above;
-        }
-        window.last_bound = bound;
-    } else {
-        let (total, above) = partition::<F, M>(
-            share, weights, scores, mask, weighting, partials, layout, masked, with_above,
-        );
-        sums[0] = total;
-        sums[1] = above;
-    }
-    (sums[0], sums[1])
 }
 
 /// How a launch maps rows onto units, fixed when the kernel is compiled.
@@ -637,7 +376,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(comptime![(32 * MAX_SUMS) as usize]);
+    let mut partials = SharedMemory::<f32>::new(32usize);
     let (row, lane) = row_and_lane();
     // Groups of a partial last cube have no row; they exit together, so no barrier of a
     // multi-plane group (only those use barriers, one row to a cube) is left waiting.
@@ -655,11 +394,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     if lane == 0 {
         thresholds[row * steps] = a;
     }
-    // schedule[steps + 1 + t] holds 1 / schedule[t].
-    let inverses = steps + 1;
-    let inv_eps_out = schedule[inverses + steps];
+    let inv_eps_out = 1.0 / schedule[steps];
     let mut anchor = unset_anchor(inv_eps_out);
-    let mut window = closed_window();
     for t in 1..steps {
         let eps = schedule[t];
         let weighting = weighting(
@@ -668,17 +404,16 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             &mut anchor,
             -a,
             row_max,
-            schedule[inverses + t],
+            1.0 / eps,
             t >= steady as usize,
             layout.per_unit,
         );
-        let (total, _above) = iteration_sums::<F, M>(
+        let (total, _above) = partition::<F, M>(
             &share,
             &mut weights,
             scores,
             mask,
             weighting,
-            &mut window,
             &mut partials,
             layout,
             masked,
@@ -751,7 +486,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(comptime![(32 * MAX_SUMS) as usize]);
+    let mut partials = SharedMemory::<f32>::new(32usize);
     let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
         (3 * layout.max_steps * layout.rows_per_cube) as usize
     } else {
@@ -771,9 +506,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut resident_grad = Array::<f32>::new(comptime![layout.per_unit as usize]);
     let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
     let a_last = thresholds[row * steps + steps - 1];
-    // schedule[steps + 1 + t] holds 1 / schedule[t].
-    let inverses = steps + 1;
-    let inv_eps_out = schedule[inverses + steps];
+    let inv_eps_out = 1.0 / schedule[steps];
 
     // ā_T = Σ_j g_j ∂y_j/∂a; each entry's own term starts its gradient.
     let mut local = 0.0f32;
@@ -801,26 +534,25 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t,
     // p_j = weight_j / Z for the entries below the ceiling.
     let mut anchor = unset_anchor(inv_eps_out);
-    let mut window = closed_window();
     let mut t = steps;
     while t >= 2 {
+        let eps = schedule[t - 1];
         let weighting = weighting(
             &share,
             &mut weights,
             &mut anchor,
             -thresholds[row * steps + t - 2],
             row_max,
-            schedule[inverses + t - 1],
+            1.0 / eps,
             t > steady as usize,
             layout.per_unit,
         );
-        let (total, above) = iteration_sums::<F, M>(
+        let (total, above) = partition::<F, M>(
             &share,
             &mut weights,
             scores,
             mask,
             weighting,
-            &mut window,
             &mut partials,
             layout,
             masked,
@@ -871,7 +603,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                         if s <= ceiling {
                             let shift = coefficients[slot + 3 * u + 2];
                             ds -= coefficients[slot + 3 * u]
-                                * f32::exp((s - shift) * schedule[inverses + u + 1]);
+                                * f32::exp((s - shift) / schedule[u + 1]);
                         }
                     }
                 }
