@@ -616,3 +616,147 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         d_k[row] = F::cast_from(d_log_k / f32::cast_from(k[row]));
     }
 }
+
+/// Floor of the Newton step's denominator, which is 0 when every entry is saturated.
+const TINY: f32 = 1.0e-30;
+
+/// Minimum over the units of a row's group, of valid scores only (masked entries and slots
+/// past the row's end hold [`MASKED_SCORE`]; a row with none gives −MASKED_SCORE).
+#[cube]
+fn valid_min<F: Float, M: Int>(
+    share: &Share,
+    scores: &Array<F>,
+    mask: &Array<M>,
+    partials: &mut SharedMemory<f32>,
+    #[comptime] layout: KernelLayout,
+    #[comptime] masked: bool,
+) -> f32 {
+    // The maximum of the negated valid scores.
+    let mut best = f32::new(MASKED_SCORE);
+    #[unroll]
+    for i in 0..layout.per_unit {
+        let s = share.resident[i as usize];
+        best = f32::max(best, select(s > MASKED_SCORE, -s, MASKED_SCORE));
+    }
+    if comptime![layout.streamed] {
+        let group = CUBE_DIM_X as usize;
+        let mut j = share.streamed_from;
+        while j < share.n {
+            let s = score::<F, M>(scores, mask, share.base + j, masked);
+            best = f32::max(best, select(s > MASKED_SCORE, -s, MASKED_SCORE));
+            j += group;
+        }
+    }
+    -group_max(best, partials, layout.planes)
+}
+
+/// The converged solver: the fixed point f(a) = Σ_j exp(min(s_j + a, 0)/eps) = k of every
+/// row, by Newton steps on ln f(a) − ln k kept inside the bracket
+/// [eps·ln(k/n_valid) − max s, −min s] by bisection (colt5's `converged.rs` describes the
+/// method); each row stops on its own once |f/k − 1| ≤ `tolerance` or the bracket has
+/// closed to f32 precision, after at most `max_passes` passes. Writes the output, the
+/// threshold a of every row (`[rows]`, element `F`) and the passes it took (`[rows]`).
+#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotInf)]
+pub fn coor_descent_converged<F: Float, M: Int>(
+    scores: &Array<F>,
+    k: &Array<F>,
+    mask: &Array<M>,
+    output: &mut Array<F>,
+    thresholds: &mut Array<F>,
+    passes: &mut Array<u32>,
+    rows: u32,
+    n: u32,
+    eps: f32,
+    tolerance: f32,
+    max_passes: u32,
+    #[comptime] layout: KernelLayout,
+    #[comptime] masked: bool,
+) {
+    let mut partials = SharedMemory::<f32>::new(32usize);
+    let (row, lane) = row_and_lane();
+    // As in the forward: groups without a row exit together.
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = n as usize;
+    let inv_eps = 1.0 / eps;
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
+    let row_min = valid_min::<F, M>(&share, scores, mask, &mut partials, layout, masked);
+    let n_valid = valid_count::<M>(mask, &share, &mut partials, layout, masked);
+    let k_row = f32::cast_from(k[row]);
+    let log_target = f32::ln(f32::min(k_row, n_valid));
+    let mut lo = eps * f32::ln(k_row / n_valid) - row_max;
+    let mut hi = -row_min;
+    // Rows with k ≥ n_valid (or no valid entry, where lo > hi) solve nothing: every valid
+    // entry saturates at a = hi.
+    let saturated = k_row >= n_valid || lo >= hi;
+    let mut a = lo;
+    let mut count = 0u32;
+    let mut searching = !saturated;
+    while searching && count < max_passes {
+        count += 1;
+        // Σ_j y_j, and the part from entries below saturation (the slope of ln f).
+        let mut local_total = 0.0f32;
+        let mut local_below = 0.0f32;
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let s = share.resident[i as usize];
+            let y = soft_top_k(s, a, inv_eps);
+            local_total += y;
+            local_below += select(s + a < 0.0, y, 0.0);
+        }
+        if comptime![layout.streamed] {
+            let group = CUBE_DIM_X as usize;
+            let mut j = share.streamed_from;
+            while j < n {
+                let s = score::<F, M>(scores, mask, share.base + j, masked);
+                let y = soft_top_k(s, a, inv_eps);
+                local_total += y;
+                local_below += select(s + a < 0.0, y, 0.0);
+                j += group;
+            }
+        }
+        let total = group_sum(local_total, &mut partials, layout.planes);
+        let below = group_sum(local_below, &mut partials, layout.planes);
+        let log_total = f32::ln(total);
+        let residual = f32::abs(f32::exp(log_total - log_target) - 1.0);
+        let width = (hi - lo) / (f32::abs(a) + eps);
+        searching = residual > tolerance && width > 8.0 * f32::EPSILON;
+        if searching {
+            let excess = log_total - log_target;
+            if excess > 0.0 {
+                hi = a;
+            } else {
+                lo = a;
+            }
+            // Newton on ln f: (ln f)' = Σ_below y / (eps f).
+            let newton = a - excess * total / f32::max(below, TINY) * eps;
+            let inside = newton > lo && newton < hi;
+            a = select(inside, newton, 0.5 * (lo + hi));
+        }
+    }
+    if saturated {
+        a = hi;
+    }
+    let group = CUBE_DIM_X as usize;
+    #[unroll]
+    for i in 0..layout.per_unit {
+        if i < share.live {
+            let y = soft_top_k(share.resident[i as usize], a, inv_eps);
+            output[share.base + lane + i as usize * group] = F::cast_from(y);
+        }
+    }
+    if comptime![layout.streamed] {
+        let mut j = share.streamed_from;
+        while j < n {
+            let s = score::<F, M>(scores, mask, share.base + j, masked);
+            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
+            j += group;
+        }
+    }
+    if lane == 0 {
+        thresholds[row] = F::cast_from(a);
+        passes[row] = count;
+    }
+}

@@ -18,7 +18,9 @@ mod kernels;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-pub use kernels::{coor_descent_backward, coor_descent_forward, KernelLayout};
+pub use kernels::{
+    coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
+};
 
 /// Units of a cube when each row takes one plane.
 const PLANE_LAYOUT_CUBE: usize = 256;
@@ -169,12 +171,9 @@ fn max_steps(steps: usize) -> usize {
     steps.next_power_of_two().max(8)
 }
 
-fn check(shape: Rows, schedule: &Schedule) -> Result<(), LaunchError> {
+fn check_steps(schedule: &Schedule) -> Result<(), LaunchError> {
     if schedule.steps() == 0 || schedule.steps() > MAX_STEPS {
         return Err(LaunchError::Steps(schedule.steps()));
-    }
-    if shape.rows == 0 || shape.n == 0 {
-        return Err(LaunchError::Empty(shape));
     }
     Ok(())
 }
@@ -199,15 +198,16 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     inputs: &Inputs,
     schedule: &Schedule,
 ) -> Result<(Handle, Handle), LaunchError> {
+    check_steps(schedule)?;
+    let steps = schedule.steps();
     let Launch {
         rows,
         n,
-        steps,
         layout,
-        schedule_handle,
         mask,
         mask_len,
-    } = Launch::new::<R, M>(client, inputs, schedule, FORWARD_RESIDENT)?;
+    } = Launch::new::<R, M>(client, inputs, steps, FORWARD_RESIDENT)?;
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -242,15 +242,16 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     thresholds: &Handle,
     grad: &Handle,
 ) -> Result<(Handle, Handle), LaunchError> {
+    check_steps(schedule)?;
+    let steps = schedule.steps();
     let Launch {
         rows,
         n,
-        steps,
         layout,
-        schedule_handle,
         mask,
         mask_len,
-    } = Launch::new::<R, M>(client, inputs, schedule, BACKWARD_RESIDENT)?;
+    } = Launch::new::<R, M>(client, inputs, steps, BACKWARD_RESIDENT)?;
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -277,14 +278,63 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     Ok((d_scores, d_k))
 }
 
-/// What both kernels' launches share: the checked shape, the layout, the schedule on the
-/// device, and the mask's handle (or a one-element placeholder the kernels never read).
+/// The converged solver's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Convergence {
+    /// The temperature.
+    pub eps: f32,
+    /// A row stops once |Σy/k − 1| is at most this.
+    pub tolerance: f32,
+    /// Passes over a row at most.
+    pub max_passes: u32,
+}
+
+/// Runs the converged solver: returns the output `[rows, n]` and the thresholds `[rows]`
+/// (element `F`), and the passes over its row each took `[rows]` (u32).
+pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    inputs: &Inputs,
+    convergence: Convergence,
+) -> Result<(Handle, Handle, Handle), LaunchError> {
+    let Launch {
+        rows,
+        n,
+        layout,
+        mask,
+        mask_len,
+    } = Launch::new::<R, M>(client, inputs, 1, FORWARD_RESIDENT)?;
+    let output = client.empty(rows * n * F::type_size());
+    let thresholds = client.empty(rows * F::type_size());
+    let passes = client.empty(rows * 4);
+    unsafe {
+        coor_descent_converged::launch::<F, M, R>(
+            client,
+            layout.cube_count(),
+            layout.cube_dim(),
+            ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
+            ArrayArg::from_raw_parts(inputs.k.clone(), rows),
+            ArrayArg::from_raw_parts(mask, mask_len),
+            ArrayArg::from_raw_parts(output.clone(), rows * n),
+            ArrayArg::from_raw_parts(thresholds.clone(), rows),
+            ArrayArg::from_raw_parts(passes.clone(), rows),
+            rows as u32,
+            n as u32,
+            convergence.eps,
+            convergence.tolerance,
+            convergence.max_passes,
+            layout.kernel,
+            inputs.mask.is_some(),
+        );
+    }
+    Ok((output, thresholds, passes))
+}
+
+/// What the kernels' launches share: the checked shape, the layout, and the mask's handle
+/// (or a one-element placeholder the kernels never read).
 struct Launch {
     rows: usize,
     n: usize,
-    steps: usize,
     layout: Layout,
-    schedule_handle: Handle,
     mask: Handle,
     mask_len: usize,
 }
@@ -293,12 +343,13 @@ impl Launch {
     fn new<R: Runtime, M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
-        schedule: &Schedule,
+        steps: usize,
         resident: usize,
     ) -> Result<Launch, LaunchError> {
-        check(inputs.shape, schedule)?;
         let Rows { rows, n } = inputs.shape;
-        let steps = schedule.steps();
+        if rows == 0 || n == 0 {
+            return Err(LaunchError::Empty(inputs.shape));
+        }
         let (mask, mask_len) = match inputs.mask {
             Some(mask) => (mask.clone(), rows * n),
             None => (client.empty(M::type_size()), 1),
@@ -306,9 +357,7 @@ impl Launch {
         Ok(Launch {
             rows,
             n,
-            steps,
             layout: Layout::new(client, inputs.shape, steps, resident),
-            schedule_handle: client.create_from_slice(f32::as_bytes(&schedule.0)),
             mask,
             mask_len,
         })

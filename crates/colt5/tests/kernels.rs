@@ -7,7 +7,7 @@
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Bool, Tensor, TensorData};
-use colt5::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
+use colt5::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK, Solver};
 
 mod common;
 use common::normals;
@@ -133,11 +133,12 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// Whether each entry lies within `margin` of one of its row's thresholds −a_t (computed
-/// here in f64 from the reference's update): the output is min(s, −a_t) inside the
-/// iterations, so its derivative with respect to s jumps there, and an f32 and an f64
-/// computation whose thresholds differ by rounding may take different sides.
+/// here in f64 from the reference's update; the converged solver has one, its fixed point):
+/// the output is min(s, −a_t) inside the iterations, so its derivative with respect to s
+/// jumps there, and an f32 and an f64 computation whose thresholds differ by rounding may
+/// take different sides.
 fn near_a_kink(case: &Case, scores: &[f64], margin: f64) -> Vec<bool> {
-    let temperatures = case.config.temperatures().expect("an iterative solver");
+    let temperatures = case.config.temperatures();
     let keep = case.masked.then(|| case.mask_values());
     let k = case.k_values();
     let mut near = vec![false; scores.len()];
@@ -150,25 +151,52 @@ fn near_a_kink(case: &Case, scores: &[f64], margin: f64) -> Vec<bool> {
         if live.is_empty() {
             continue;
         }
-        let row_max = live.iter().copied().fold(f64::MIN, f64::max);
-        let log_k = k[row].ln();
-        let mut a = temperatures[0] * (log_k - (live.len() as f64).ln());
-        let mut ceilings = vec![-a];
-        for &eps in &temperatures[1..temperatures.len() - 1] {
-            let ceiling = -a;
-            let shift = row_max.min(ceiling);
-            let total: f64 = live
-                .iter()
-                .map(|&s| ((s.min(ceiling) - shift) / eps).exp())
-                .sum();
-            a = eps * (log_k - total.ln()) - shift;
-            ceilings.push(-a);
-        }
+        let ceilings = match &temperatures {
+            Some(temperatures) => iterated_ceilings(&live, k[row], temperatures),
+            None => vec![fixed_point_ceiling(&live, k[row], case.config.eps)],
+        };
         for (j, &s) in row_scores.iter().enumerate() {
             near[row * case.n + j] = valid(j) && ceilings.iter().any(|c| (s - c).abs() < margin);
         }
     }
     near
+}
+
+/// The ceilings −a_0..−a_T of the iterative solver on one row's valid scores.
+fn iterated_ceilings(live: &[f64], k: f64, temperatures: &[f64]) -> Vec<f64> {
+    let row_max = live.iter().copied().fold(f64::MIN, f64::max);
+    let log_k = k.ln();
+    let mut a = temperatures[0] * (log_k - (live.len() as f64).ln());
+    let mut ceilings = vec![-a];
+    for &eps in &temperatures[1..temperatures.len() - 1] {
+        let ceiling = -a;
+        let shift = row_max.min(ceiling);
+        let total: f64 = live
+            .iter()
+            .map(|&s| ((s.min(ceiling) - shift) / eps).exp())
+            .sum();
+        a = eps * (log_k - total.ln()) - shift;
+        ceilings.push(-a);
+    }
+    ceilings
+}
+
+/// The ceiling −a of the fixed point Σ_j exp(min(s_j + a, 0)/eps) = k, by bisection.
+fn fixed_point_ceiling(live: &[f64], k: f64, eps: f64) -> f64 {
+    let row_max = live.iter().copied().fold(f64::MIN, f64::max);
+    let row_min = live.iter().copied().fold(f64::MAX, f64::min);
+    let target = k.min(live.len() as f64);
+    let total = |a: f64| -> f64 { live.iter().map(|&s| ((s + a).min(0.0) / eps).exp()).sum() };
+    let (mut lo, mut hi) = (eps * (k / live.len() as f64).ln() - row_max, -row_min);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if total(mid) > target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    -hi
 }
 
 fn check(case: Case) {
@@ -337,4 +365,35 @@ fn rows_beyond_one_grid_dimension_are_solved() {
         config: router(),
         seed: 11,
     });
+}
+
+/// The converged solver's kernel (each row stops on its own) against the f64 CPU solve, at
+/// the default temperature and the router's.
+#[test]
+fn converged_kernel_matches_the_cpu_implementation() {
+    let shapes = [
+        (3, 7),
+        (5, 33),
+        (9, 1000),
+        (3, 10_001),
+        (2, 65_536),
+        (16, 16_384),
+    ];
+    for (index, &(rows, n)) in shapes.iter().enumerate() {
+        for (masked, per_row_k) in [(false, false), (true, true)] {
+            for eps in [0.1, 0.03] {
+                check(Case {
+                    rows,
+                    n,
+                    k: None,
+                    per_row_k,
+                    masked,
+                    config: CoorDescentConfig::new()
+                        .with_eps(eps)
+                        .with_solver(Solver::converged()),
+                    seed: 200 + index as u64,
+                });
+            }
+        }
+    }
 }

@@ -1,15 +1,19 @@
 //! CubeCL backends (CUDA, wgpu) run the iterative solver and its reverse sweep with the
 //! fused kernels of `colt5-kernels`: one launch each, the thresholds (T f32 per row) the
-//! only state kept between them. The converged solver uses the portable implementation.
+//! only state kept between them. The converged solver runs as one kernel too (each row
+//! stops on its own); its implicit-function gradient, a few elementwise operations and two
+//! row sums, stays in the portable code.
 
 use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use colt5_kernels::{Inputs, Rows};
+use colt5_kernels::{Convergence, Inputs, Rows};
 
-use super::{portable_backward, portable_solve, CoorDescentBackend, CoorDescentConfig, SolveStats};
+use super::{
+    portable_backward, portable_solve, CoorDescentBackend, CoorDescentConfig, SolveStats, Solver,
+};
 
 impl<R, F, I, BT> CoorDescentBackend for CubeBackend<R, F, I, BT>
 where
@@ -24,6 +28,18 @@ where
         mask: Option<BoolTensor<Self>>,
         config: &CoorDescentConfig,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
+        if let Solver::Converged {
+            tolerance,
+            max_passes,
+        } = config.solver
+        {
+            let convergence = Convergence {
+                eps: config.eps as f32,
+                tolerance: tolerance as f32,
+                max_passes: max_passes.min(u32::MAX as usize) as u32,
+            };
+            return converged_solve::<R, F, BT>(scores, k, mask, convergence);
+        }
         let Some(schedule) = fused_schedule(config) else {
             return portable_solve::<Self>(scores, k, mask, config);
         };
@@ -66,6 +82,36 @@ where
             call.tensor::<F>(d_k, [call.shape.rows, 1]),
         )
     }
+}
+
+/// The converged solver's kernel. The passes each row took are read back (one small
+/// transfer) for the stats: the most any row needed.
+fn converged_solve<R: CubeRuntime, F: FloatElement, BT: BoolElement>(
+    scores: CubeTensor<R>,
+    k: CubeTensor<R>,
+    mask: Option<CubeTensor<R>>,
+    convergence: Convergence,
+) -> (CubeTensor<R>, CubeTensor<R>, SolveStats) {
+    let call = Call::<R>::new(scores, k, mask);
+    let client = &call.scores.client;
+    let (output, thresholds, passes) =
+        colt5_kernels::converged::<R, F, BT>(client, &call.inputs(), convergence)
+            .expect("a checked shape");
+    let passes = client
+        .read_one(passes)
+        .map(|bytes| {
+            <u32 as burn_cubecl::cubecl::CubeElement>::from_bytes(&bytes)
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0) as usize
+        })
+        .expect("reading the passes back from the device");
+    (
+        call.tensor::<F>(output, [call.shape.rows, call.shape.n]),
+        call.tensor::<F>(thresholds, [call.shape.rows, 1]),
+        SolveStats { passes },
+    )
 }
 
 /// The kernels' schedule (eps_1..eps_T, then the output temperature) for the iterative
