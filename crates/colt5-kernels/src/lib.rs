@@ -1,17 +1,20 @@
 //! Fused CubeCL kernels of the coordinate-descent soft top-k of colt5: the reference's
-//! iterative solver in one launch, and its exact reverse sweep in another.
+//! iterative solver in one launch, its exact reverse sweep in another, and the converged
+//! solver in a third.
 //!
 //! The state of a row is one scalar (DESIGN.md §1): the forward computes the row maximum
 //! once, runs the iterations on the threshold a, writes the output and the T thresholds
 //! a_1..a_T (`rows × T × 4` bytes, all the backward keeps), and the backward recomputes each
-//! iteration's softmax from the scores and a_{t−1}. Scores may be f32, f16 or bf16; the
-//! arithmetic is f32.
+//! iteration's softmax from the scores and a_{t−1}. The converged solver ([`converged`])
+//! takes Newton/bisection passes on a until each row meets its tolerance. Scores may be f32,
+//! f16 or bf16; the arithmetic is f32.
 //!
 //! A row is handled by the smallest group of units — one plane (warp), several rows to a
 //! cube, or a cube of several planes — whose units can hold it in registers; rows longer
 //! than the largest group holds stream the rest from memory. Updates at the schedule's final
-//! temperature use anchored weights (no exp per entry and iteration; see [`Schedule::steady`]). This crate depends only on CubeCL: `colt5` wires it into
-//! burn's CubeCL backends.
+//! temperature use anchored weights (no exp per entry and iteration; see
+//! [`Schedule::steady`]). This crate depends only on CubeCL: `colt5` wires it into burn's
+//! CubeCL backends.
 
 mod kernels;
 
