@@ -197,21 +197,6 @@ struct Weighting {
     anchored: bool,
     /// exp(min(ceiling − anchor, margin)·inv_eps) when anchored.
     bound: f32,
-    /// The anchor plus the margin: anchored weights are exp((min(s, top) − anchor)·inv_eps).
-    top: f32,
-    /// Whether the weights must be anchored afresh for this iteration (see
-    /// [`anchored_weight`]).
-    fresh: bool,
-}
-
-/// The anchored weight of score `s` (0 when `live` is false: past the row's end).
-#[cube]
-fn anchored_weight(s: f32, live: bool, weighting: Weighting) -> f32 {
-    select(
-        live,
-        f32::exp((f32::min(s, weighting.top) - weighting.reference) * weighting.inv_eps),
-        0.0,
-    )
 }
 
 /// The weight of resident entry `i` in an iteration (after [`partition`] has run on it).
@@ -225,12 +210,10 @@ fn resident_weight(weights: &Array<f32>, i: usize, weighting: Weighting) -> f32 
 }
 
 /// Σ_j exp((min(s_j, ceiling) − reference)·inv_eps) over the row, and (when `with_above`;
-/// else 0, saving a reduction) the part of it from entries above the ceiling. With
-/// `in_place` (the forward) anchored weights replace the resident scores and `weights` is
-/// not used; otherwise anchored weights are read from `weights`, and the exp weights of
-/// other iterations are left there (0 past the row's end).
+/// else 0, saving a reduction) the part of it from entries above the ceiling. Unless the
+/// weights are anchored, the resident entries' weights are left in `weights` (0 past the
+/// row's end).
 #[cube]
-#[allow(clippy::too_many_arguments)]
 fn partition<F: Float, M: Int>(
     share: &Share,
     weights: &mut Array<f32>,
@@ -241,7 +224,6 @@ fn partition<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
     #[comptime] with_above: bool,
-    #[comptime] in_place: bool,
 ) -> (f32, f32) {
     let ceiling = weighting.ceiling;
     let mut total = 0.0f32;
@@ -249,12 +231,7 @@ fn partition<F: Float, M: Int>(
     if weighting.anchored {
         #[unroll]
         for i in 0..layout.per_unit {
-            let anchored = if comptime![in_place] {
-                share.resident[i as usize]
-            } else {
-                weights[i as usize]
-            };
-            let w = f32::min(anchored, weighting.bound);
+            let w = f32::min(weights[i as usize], weighting.bound);
             total += w;
             if comptime![with_above] {
                 above += select(share.resident[i as usize] > ceiling, w, 0.0);
@@ -269,9 +246,7 @@ fn partition<F: Float, M: Int>(
                 f32::exp((f32::min(s, ceiling) - weighting.reference) * weighting.inv_eps),
                 0.0,
             );
-            if comptime![!in_place] {
-                weights[i as usize] = w;
-            }
+            weights[i as usize] = w;
             total += w;
             if comptime![with_above] {
                 above += select(s > ceiling, w, 0.0);
@@ -325,16 +300,19 @@ fn unset_anchor(inv_eps_out: f32) -> Anchor {
     }
 }
 
-/// The weighting of an iteration with ceiling `ceiling`: anchored when `steady` (moving the
-/// anchor to the shift when it has moved too far, which marks the weighting `fresh`: the
-/// caller then recomputes its anchored weights), else relative to the shift.
+/// The weighting of an iteration with ceiling `ceiling`: anchored (re-anchoring `weights`
+/// first when the shift has moved too far) when `steady`, else relative to the shift.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn weighting(
+    share: &Share,
+    weights: &mut Array<f32>,
     anchor: &mut Anchor,
     ceiling: f32,
     row_max: f32,
     inv_eps: f32,
     steady: bool,
+    #[comptime] per_unit: u32,
 ) -> Weighting {
     let shift = f32::min(row_max, ceiling);
     let mut result = Weighting {
@@ -343,52 +321,27 @@ fn weighting(
         inv_eps,
         anchored: false,
         bound: 0.0,
-        top: 0.0,
-        fresh: false,
     };
     if steady {
         if !anchor.set || f32::abs(shift - anchor.anchor) > anchor.margin {
             anchor.anchor = shift;
             anchor.set = true;
-            result.fresh = true;
+            let top = shift + anchor.margin;
+            #[unroll]
+            for i in 0..per_unit {
+                let s = share.resident[i as usize];
+                weights[i as usize] = select(
+                    i < share.live,
+                    f32::exp((f32::min(s, top) - shift) * anchor.inv_eps),
+                    0.0,
+                );
+            }
         }
         result.reference = anchor.anchor;
-        result.inv_eps = anchor.inv_eps;
         result.anchored = true;
-        result.top = anchor.anchor + anchor.margin;
         result.bound = f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
     }
     result
-}
-
-/// Replaces the forward's resident values by their anchored weights: computed from the values
-/// themselves while they are still the scores, from the scores in memory once they are the
-/// weights of an older anchor.
-#[cube]
-fn anchor_in_place<F: Float, M: Int>(
-    share: &mut Share,
-    scores: &Array<F>,
-    mask: &Array<M>,
-    weighting: Weighting,
-    holds_weights: bool,
-    #[comptime] per_unit: u32,
-    #[comptime] masked: bool,
-) {
-    let group = CUBE_DIM_X as usize;
-    #[unroll]
-    for i in 0..per_unit {
-        let live = i < share.live;
-        let mut s = share.resident[i as usize];
-        if holds_weights && live {
-            s = score::<F, M>(
-                scores,
-                mask,
-                share.base + share.lane + i as usize * group,
-                masked,
-            );
-        }
-        share.resident[i as usize] = anchored_weight(s, live, weighting);
-    }
 }
 
 /// How a launch maps rows onto units, fixed when the kernel is compiled.
@@ -432,10 +385,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let n = n as usize;
     let steps = steps as usize;
-    let mut share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
-    // The anchored weights replace the resident scores (see `partition`): no second array.
-    let mut unused = Array::<f32>::new(1usize);
-    let mut holds_weights = false;
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
     let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
     let n_valid = valid_count::<M>(mask, &share, &mut partials, layout, masked);
     let log_k = f32::ln(f32::cast_from(k[row]));
@@ -447,22 +398,19 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     let mut anchor = unset_anchor(inv_eps_out);
     for t in 1..steps {
         let eps = schedule[t];
-        let weighting = weighting(&mut anchor, -a, row_max, 1.0 / eps, t >= steady as usize);
-        if weighting.fresh {
-            anchor_in_place::<F, M>(
-                &mut share,
-                scores,
-                mask,
-                weighting,
-                holds_weights,
-                layout.per_unit,
-                masked,
-            );
-            holds_weights = true;
-        }
+        let weighting = weighting(
+            &share,
+            &mut weights,
+            &mut anchor,
+            -a,
+            row_max,
+            1.0 / eps,
+            t >= steady as usize,
+            layout.per_unit,
+        );
         let (total, _above) = partition::<F, M>(
             &share,
-            &mut unused,
+            &mut weights,
             scores,
             mask,
             weighting,
@@ -470,7 +418,6 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             layout,
             masked,
             false,
-            true,
         );
         a = eps * (log_k - f32::ln(total)) - weighting.reference;
         if lane == 0 {
@@ -481,12 +428,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     #[unroll]
     for i in 0..layout.per_unit {
         if i < share.live {
-            let index = share.base + lane + i as usize * group;
-            let mut s = share.resident[i as usize];
-            if holds_weights {
-                s = score::<F, M>(scores, mask, index, masked);
-            }
-            output[index] = F::cast_from(soft_top_k(s, a, inv_eps_out));
+            let y = soft_top_k(share.resident[i as usize], a, inv_eps_out);
+            output[share.base + lane + i as usize * group] = F::cast_from(y);
         }
     }
     if comptime![layout.streamed] {
@@ -595,19 +538,15 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     while t >= 2 {
         let eps = schedule[t - 1];
         let weighting = weighting(
+            &share,
+            &mut weights,
             &mut anchor,
             -thresholds[row * steps + t - 2],
             row_max,
             1.0 / eps,
             t > steady as usize,
+            layout.per_unit,
         );
-        if weighting.fresh {
-            #[unroll]
-            for i in 0..layout.per_unit {
-                let s = share.resident[i as usize];
-                weights[i as usize] = anchored_weight(s, i < share.live, weighting);
-            }
-        }
         let (total, above) = partition::<F, M>(
             &share,
             &mut weights,
@@ -618,7 +557,6 @@ pub fn coor_descent_backward<F: Float, M: Int>(
             layout,
             masked,
             true,
-            false,
         );
         let coefficient = d_a / total;
         #[unroll]
