@@ -40,6 +40,34 @@ fn group_sum(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u
     total
 }
 
+/// Sums of two values over the units of a row's group, exchanged between its planes at once
+/// (`partials` holds 2 per plane).
+#[cube]
+fn group_sum_pair(
+    first: f32,
+    second: f32,
+    partials: &mut SharedMemory<f32>,
+    #[comptime] planes: u32,
+) -> (f32, f32) {
+    let mut first_total = plane_sum(first);
+    let mut second_total = plane_sum(second);
+    if comptime![planes > 1] {
+        if UNIT_POS_PLANE == 0 {
+            partials[2 * PLANE_POS as usize] = first_total;
+            partials[2 * PLANE_POS as usize + 1] = second_total;
+        }
+        sync_cube();
+        first_total = 0.0;
+        second_total = 0.0;
+        for i in 0..planes {
+            first_total += partials[2 * i as usize];
+            second_total += partials[2 * i as usize + 1];
+        }
+        sync_cube();
+    }
+    (first_total, second_total)
+}
+
 /// Maximum over the units of a row's group (see [`group_sum`]).
 #[cube]
 fn group_max(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u32) -> f32 {
@@ -266,12 +294,11 @@ fn partition<F: Float, M: Int>(
             j += group;
         }
     }
-    let total = group_sum(total, partials, layout.planes);
-    let mut above_total = 0.0f32;
     if comptime![with_above] {
-        above_total = group_sum(above, partials, layout.planes);
+        group_sum_pair(total, above, partials, layout.planes)
+    } else {
+        (group_sum(total, partials, layout.planes), 0.0)
     }
-    (total, above_total)
 }
 
 /// Anchored weights at the constant temperature the schedule ends on: each resident entry's
@@ -376,7 +403,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(32usize);
+    let mut partials = SharedMemory::<f32>::new(64usize);
     let (row, lane) = row_and_lane();
     // Groups of a partial last cube have no row; they exit together, so no barrier of a
     // multi-plane group (only those use barriers, one row to a cube) is left waiting.
@@ -394,7 +421,9 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     if lane == 0 {
         thresholds[row * steps] = a;
     }
-    let inv_eps_out = 1.0 / schedule[steps];
+    // schedule[steps + 1 + t] holds 1 / schedule[t].
+    let inverses = steps + 1;
+    let inv_eps_out = schedule[inverses + steps];
     let mut anchor = unset_anchor(inv_eps_out);
     for t in 1..steps {
         let eps = schedule[t];
@@ -404,7 +433,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             &mut anchor,
             -a,
             row_max,
-            1.0 / eps,
+            schedule[inverses + t],
             t >= steady as usize,
             layout.per_unit,
         );
@@ -486,7 +515,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(32usize);
+    let mut partials = SharedMemory::<f32>::new(64usize);
     let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
         (3 * layout.max_steps * layout.rows_per_cube) as usize
     } else {
@@ -506,7 +535,9 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut resident_grad = Array::<f32>::new(comptime![layout.per_unit as usize]);
     let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
     let a_last = thresholds[row * steps + steps - 1];
-    let inv_eps_out = 1.0 / schedule[steps];
+    // schedule[steps + 1 + t] holds 1 / schedule[t].
+    let inverses = steps + 1;
+    let inv_eps_out = schedule[inverses + steps];
 
     // ā_T = Σ_j g_j ∂y_j/∂a; each entry's own term starts its gradient.
     let mut local = 0.0f32;
@@ -536,14 +567,13 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut anchor = unset_anchor(inv_eps_out);
     let mut t = steps;
     while t >= 2 {
-        let eps = schedule[t - 1];
         let weighting = weighting(
             &share,
             &mut weights,
             &mut anchor,
             -thresholds[row * steps + t - 2],
             row_max,
-            1.0 / eps,
+            schedule[inverses + t - 1],
             t > steady as usize,
             layout.per_unit,
         );
@@ -603,7 +633,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                         if s <= ceiling {
                             let shift = coefficients[slot + 3 * u + 2];
                             ds -= coefficients[slot + 3 * u]
-                                * f32::exp((s - shift) / schedule[u + 1]);
+                                * f32::exp((s - shift) * schedule[inverses + u + 1]);
                         }
                     }
                 }
@@ -672,7 +702,7 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(32usize);
+    let mut partials = SharedMemory::<f32>::new(64usize);
     let (row, lane) = row_and_lane();
     // As in the forward: groups without a row exit together.
     if row >= rows as usize {
