@@ -403,7 +403,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(64usize);
+    let mut partials = SharedMemory::<f32>::new(32usize);
     let (row, lane) = row_and_lane();
     // Groups of a partial last cube have no row; they exit together, so no barrier of a
     // multi-plane group (only those use barriers, one row to a cube) is left waiting.
@@ -421,9 +421,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     if lane == 0 {
         thresholds[row * steps] = a;
     }
-    // schedule[steps + 1 + t] holds 1 / schedule[t].
-    let inverses = steps + 1;
-    let inv_eps_out = schedule[inverses + steps];
+    let inv_eps_out = 1.0 / schedule[steps];
     let mut anchor = unset_anchor(inv_eps_out);
     for t in 1..steps {
         let eps = schedule[t];
@@ -433,7 +431,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             &mut anchor,
             -a,
             row_max,
-            schedule[inverses + t],
+            1.0 / eps,
             t >= steady as usize,
             layout.per_unit,
         );
@@ -515,6 +513,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
+    // Two partial sums per plane (see `group_sum_pair`).
     let mut partials = SharedMemory::<f32>::new(64usize);
     let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
         (3 * layout.max_steps * layout.rows_per_cube) as usize
@@ -535,9 +534,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut resident_grad = Array::<f32>::new(comptime![layout.per_unit as usize]);
     let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
     let a_last = thresholds[row * steps + steps - 1];
-    // schedule[steps + 1 + t] holds 1 / schedule[t].
-    let inverses = steps + 1;
-    let inv_eps_out = schedule[inverses + steps];
+    let inv_eps_out = 1.0 / schedule[steps];
 
     // ā_T = Σ_j g_j ∂y_j/∂a; each entry's own term starts its gradient.
     let mut local = 0.0f32;
@@ -567,13 +564,14 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut anchor = unset_anchor(inv_eps_out);
     let mut t = steps;
     while t >= 2 {
+        let eps = schedule[t - 1];
         let weighting = weighting(
             &share,
             &mut weights,
             &mut anchor,
             -thresholds[row * steps + t - 2],
             row_max,
-            schedule[inverses + t - 1],
+            1.0 / eps,
             t > steady as usize,
             layout.per_unit,
         );
@@ -633,7 +631,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                         if s <= ceiling {
                             let shift = coefficients[slot + 3 * u + 2];
                             ds -= coefficients[slot + 3 * u]
-                                * f32::exp((s - shift) * schedule[inverses + u + 1]);
+                                * f32::exp((s - shift) / schedule[u + 1]);
                         }
                     }
                 }
@@ -702,7 +700,7 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(64usize);
+    let mut partials = SharedMemory::<f32>::new(32usize);
     let (row, lane) = row_and_lane();
     // As in the forward: groups without a row exit together.
     if row >= rows as usize {

@@ -47,26 +47,19 @@ pub struct Rows {
     pub n: usize,
 }
 
-/// The temperature schedule: eps_1..eps_T followed by the output temperature, and their
-/// inverses (the kernels multiply by them instead of dividing on every iteration).
+/// The temperature schedule: eps_1..eps_T followed by the output temperature.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Schedule {
-    temperatures: Vec<f32>,
-    inverses: Vec<f32>,
-}
+pub struct Schedule(pub Vec<f32>);
 
 impl Schedule {
     /// The schedule from temperatures computed in f64 (eps_1..eps_T, then the output one).
     pub fn from_temperatures(temperatures: &[f64]) -> Self {
-        Schedule {
-            temperatures: temperatures.iter().map(|&eps| eps as f32).collect(),
-            inverses: temperatures.iter().map(|&eps| (1.0 / eps) as f32).collect(),
-        }
+        Schedule(temperatures.iter().map(|&eps| eps as f32).collect())
     }
 
     /// Number of iterations T.
     pub fn steps(&self) -> usize {
-        self.temperatures.len().saturating_sub(1)
+        self.0.len().saturating_sub(1)
     }
 
     /// The first update t (1 ≤ t < T; T when there is none) from which every update runs at
@@ -74,19 +67,14 @@ impl Schedule {
     /// evaluating an exp per entry and iteration.
     pub fn steady(&self) -> usize {
         let steps = self.steps();
-        let Some(&output) = self.temperatures.last() else {
+        let Some(&output) = self.0.last() else {
             return 0;
         };
         (1..steps)
             .rev()
-            .take_while(|&t| self.temperatures[t] == output)
+            .take_while(|&t| self.0[t] == output)
             .last()
             .unwrap_or(steps)
-    }
-
-    /// What the kernels read: the T + 1 temperatures, then their T + 1 inverses.
-    fn device_values(&self) -> Vec<f32> {
-        [self.temperatures.as_slice(), self.inverses.as_slice()].concat()
     }
 }
 
@@ -222,7 +210,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         mask,
         mask_len,
     } = Launch::new::<R, M>(client, inputs, steps, FORWARD_RESIDENT)?;
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.device_values()));
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -233,7 +221,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
             ArrayArg::from_raw_parts(inputs.k.clone(), rows),
             ArrayArg::from_raw_parts(mask, mask_len),
-            ArrayArg::from_raw_parts(schedule_handle, 2 * (steps + 1)),
+            ArrayArg::from_raw_parts(schedule_handle, steps + 1),
             ArrayArg::from_raw_parts(output.clone(), rows * n),
             ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
             rows as u32,
@@ -266,7 +254,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         mask,
         mask_len,
     } = Launch::new::<R, M>(client, inputs, steps, BACKWARD_RESIDENT)?;
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.device_values()));
+    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -277,7 +265,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
             ArrayArg::from_raw_parts(inputs.k.clone(), rows),
             ArrayArg::from_raw_parts(mask, mask_len),
-            ArrayArg::from_raw_parts(schedule_handle, 2 * (steps + 1)),
+            ArrayArg::from_raw_parts(schedule_handle, steps + 1),
             ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
             ArrayArg::from_raw_parts(grad.clone(), rows * n),
             ArrayArg::from_raw_parts(d_scores.clone(), rows * n),
@@ -385,13 +373,12 @@ mod tests {
 
     #[test]
     fn steady_is_where_the_schedule_reaches_the_output_temperature() {
-        let steady = |temperatures: &[f64]| Schedule::from_temperatures(temperatures).steady();
         // eps_1..eps_5, then the output temperature.
-        assert_eq!(steady(&[4.0, 2.0, 1.0, 1.0, 1.0, 1.0]), 2);
-        assert_eq!(steady(&[1.0, 1.0, 1.0]), 1);
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0, 1.0, 1.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![1.0, 1.0, 1.0]).steady(), 1);
         // The last update is still above the output temperature: none.
-        assert_eq!(steady(&[4.0, 2.0, 1.0]), 2);
-        assert_eq!(steady(&[0.5]), 0);
-        assert_eq!(steady(&[]), 0);
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![0.5]).steady(), 0);
+        assert_eq!(Schedule(vec![]).steady(), 0);
     }
 }
