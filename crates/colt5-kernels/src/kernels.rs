@@ -20,6 +20,10 @@ const ANCHOR_MARGIN: f32 = 30.0;
 /// Stands in for masked scores: far below any real score, finite in f32.
 const MASKED_SCORE: f32 = -1.0e30;
 
+/// What the backward keeps per iteration for its streamed entries: ā_t/Z_t, the ceiling, the
+/// shift and the inverse temperature.
+pub(crate) const COEFFICIENTS_PER_STEP: u32 = 4;
+
 /// Sum over the units of a row's group. `planes` is the number of planes in the group (1:
 /// the group is one plane); larger groups combine their planes' sums in `partials`.
 #[cube]
@@ -493,9 +497,9 @@ fn output_slope(s: f32, a_last: f32, g: f32, inv_eps_out: f32) -> f32 {
 
 /// The exact reverse sweep (DESIGN §1) from the thresholds of the forward: gradients with
 /// respect to the scores and to k. Resident entries accumulate their gradient in registers
-/// during the sweep; for streamed entries `coefficients` (shared, 3 per iteration and row of
-/// the cube) carries each iteration's ā_t/Z_t, ceiling and shift to a final pass, so their
-/// gradient too is written once.
+/// during the sweep; for streamed entries `coefficients` (shared, four
+/// per iteration and row of the cube) carries each iteration's ā_t/Z_t, ceiling, shift and
+/// inverse temperature to a final pass, so their gradient too is written once.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_backward<F: Float, M: Int>(
     scores: &Array<F>,
@@ -516,7 +520,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     // Two partial sums per plane (see `group_sum_pair`).
     let mut partials = SharedMemory::<f32>::new(64usize);
     let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
-        (3 * layout.max_steps * layout.rows_per_cube) as usize
+        (COEFFICIENTS_PER_STEP * layout.max_steps * layout.rows_per_cube) as usize
     } else {
         1usize
     }]);
@@ -527,7 +531,8 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let n = n as usize;
     let steps = steps as usize;
     let group = CUBE_DIM_X as usize;
-    let slot = UNIT_POS_Y as usize * 3 * layout.max_steps as usize;
+    let stride = COEFFICIENTS_PER_STEP as usize;
+    let slot = UNIT_POS_Y as usize * stride * layout.max_steps as usize;
     let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
     let base = share.base;
     let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
@@ -596,9 +601,11 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         }
         if comptime![layout.streamed] {
             if lane == 0 {
-                coefficients[slot + 3 * (t - 2)] = coefficient;
-                coefficients[slot + 3 * (t - 2) + 1] = weighting.ceiling;
-                coefficients[slot + 3 * (t - 2) + 2] = weighting.reference;
+                let at = slot + stride * (t - 2);
+                coefficients[at] = coefficient;
+                coefficients[at + 1] = weighting.ceiling;
+                coefficients[at + 2] = weighting.reference;
+                coefficients[at + 3] = weighting.inv_eps;
             }
         }
         // 1 − Σ_below p = Σ_above p, computed directly to avoid the cancellation.
@@ -627,11 +634,10 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                 let mut ds = output_slope(s, a_last, g, inv_eps_out) * inv_eps_out;
                 if s > MASKED_SCORE {
                     for u in 0..steps - 1 {
-                        let ceiling = coefficients[slot + 3 * u + 1];
-                        if s <= ceiling {
-                            let shift = coefficients[slot + 3 * u + 2];
-                            ds -= coefficients[slot + 3 * u]
-                                * f32::exp((s - shift) / schedule[u + 1]);
+                        let at = slot + stride * u;
+                        if s <= coefficients[at + 1] {
+                            let shift = coefficients[at + 2];
+                            ds -= coefficients[at] * f32::exp((s - shift) * coefficients[at + 3]);
                         }
                     }
                 }

@@ -21,6 +21,7 @@ mod kernels;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use kernels::COEFFICIENTS_PER_STEP;
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
 };
@@ -138,7 +139,7 @@ impl Layout {
         let max_steps = max_steps(steps);
         let rows_per_cube = if group == plane {
             let coefficient_rows = if streamed {
-                COEFFICIENT_BYTES / (12 * max_steps)
+                COEFFICIENT_BYTES / (4 * COEFFICIENTS_PER_STEP as usize * max_steps)
             } else {
                 usize::MAX
             };
