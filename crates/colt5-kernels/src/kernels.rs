@@ -455,19 +455,35 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             thresholds[row * steps + t] = a;
         }
     }
+    write_output::<F, M>(&share, scores, mask, output, a, inv_eps_out, layout, masked);
+}
+
+/// Writes the row's output at threshold `a` and temperature 1 / `inv_eps`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_output<F: Float, M: Int>(
+    share: &Share,
+    scores: &Array<F>,
+    mask: &Array<M>,
+    output: &mut Array<F>,
+    a: f32,
+    inv_eps: f32,
+    #[comptime] layout: KernelLayout,
+    #[comptime] masked: bool,
+) {
     let group = CUBE_DIM_X as usize;
     #[unroll]
     for i in 0..layout.per_unit {
         if i < share.live {
-            let y = soft_top_k(share.resident[i as usize], a, inv_eps_out);
-            output[share.base + lane + i as usize * group] = F::cast_from(y);
+            let y = soft_top_k(share.resident[i as usize], a, inv_eps);
+            output[share.base + share.lane + i as usize * group] = F::cast_from(y);
         }
     }
     if comptime![layout.streamed] {
         let mut j = share.streamed_from;
-        while j < n {
+        while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
-            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps_out));
+            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
             j += group;
         }
     }
@@ -773,22 +789,7 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     if saturated {
         a = hi;
     }
-    let group = CUBE_DIM_X as usize;
-    #[unroll]
-    for i in 0..layout.per_unit {
-        if i < share.live {
-            let y = soft_top_k(share.resident[i as usize], a, inv_eps);
-            output[share.base + lane + i as usize * group] = F::cast_from(y);
-        }
-    }
-    if comptime![layout.streamed] {
-        let mut j = share.streamed_from;
-        while j < n {
-            let s = score::<F, M>(scores, mask, share.base + j, masked);
-            output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
-            j += group;
-        }
-    }
+    write_output::<F, M>(&share, scores, mask, output, a, inv_eps, layout, masked);
     if lane == 0 {
         thresholds[row] = F::cast_from(a);
         passes[row] = count;

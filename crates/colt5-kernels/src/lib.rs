@@ -175,13 +175,6 @@ fn max_steps(steps: usize) -> usize {
     steps.next_power_of_two().max(8)
 }
 
-fn check_steps(schedule: &Schedule) -> Result<(), LaunchError> {
-    if schedule.steps() == 0 || schedule.steps() > MAX_STEPS {
-        return Err(LaunchError::Steps(schedule.steps()));
-    }
-    Ok(())
-}
-
 /// The inputs of one call: scores `[rows, n]` and k `[rows]` of element type `F`, and an
 /// optional mask `[rows, n]` of element type `M` (nonzero = keep).
 pub struct Inputs<'a> {
@@ -202,16 +195,17 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     inputs: &Inputs,
     schedule: &Schedule,
 ) -> Result<(Handle, Handle), LaunchError> {
-    check_steps(schedule)?;
     let steps = schedule.steps();
-    let Launch {
-        rows,
-        n,
-        layout,
-        mask,
-        mask_len,
-    } = Launch::new::<R, M>(client, inputs, steps, FORWARD_RESIDENT)?;
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
+    let (
+        Launch {
+            rows,
+            n,
+            layout,
+            mask,
+            mask_len,
+        },
+        schedule_handle,
+    ) = Launch::iterative::<R, M>(client, inputs, schedule, FORWARD_RESIDENT)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -246,16 +240,17 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     thresholds: &Handle,
     grad: &Handle,
 ) -> Result<(Handle, Handle), LaunchError> {
-    check_steps(schedule)?;
     let steps = schedule.steps();
-    let Launch {
-        rows,
-        n,
-        layout,
-        mask,
-        mask_len,
-    } = Launch::new::<R, M>(client, inputs, steps, BACKWARD_RESIDENT)?;
-    let schedule_handle = client.create_from_slice(f32::as_bytes(&schedule.0));
+    let (
+        Launch {
+            rows,
+            n,
+            layout,
+            mask,
+            mask_len,
+        },
+        schedule_handle,
+    ) = Launch::iterative::<R, M>(client, inputs, schedule, BACKWARD_RESIDENT)?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -306,6 +301,7 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         layout,
         mask,
         mask_len,
+        // No per-iteration coefficients (the backward's alone keeps them): any step count.
     } = Launch::new::<R, M>(client, inputs, 1, FORWARD_RESIDENT)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * F::type_size());
@@ -365,6 +361,21 @@ impl Launch {
             mask,
             mask_len,
         })
+    }
+
+    /// A launch of the iterative solver's kernels, with the schedule checked and uploaded.
+    fn iterative<R: Runtime, M: Int + CubeElement>(
+        client: &ComputeClient<R>,
+        inputs: &Inputs,
+        schedule: &Schedule,
+        resident: usize,
+    ) -> Result<(Launch, Handle), LaunchError> {
+        let steps = schedule.steps();
+        if steps == 0 || steps > MAX_STEPS {
+            return Err(LaunchError::Steps(steps));
+        }
+        let launch = Launch::new::<R, M>(client, inputs, steps, resident)?;
+        Ok((launch, client.create_from_slice(f32::as_bytes(&schedule.0))))
     }
 }
 
