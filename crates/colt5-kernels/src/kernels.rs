@@ -1,8 +1,10 @@
 //! The CubeCL kernels. Every row is handled by one group of units: a plane (warp) for short
-//! rows, several rows to a cube, or a cube of several planes for longer rows. Each unit holds
-//! its first `per_unit` entries of the row (entries lane, lane + group, …) in registers for
-//! the whole call, so the iterations read no memory; entries beyond `per_unit · group` (rows
-//! longer than the largest group can hold) are streamed from memory each iteration.
+//! rows, several rows to a cube, a cube of several planes for longer rows, or, when the rows
+//! are few and long, several cubes that combine their sums through global memory
+//! ([`Reducer::across_cubes`]). Each unit holds its first `per_unit` entries of the row
+//! (entries lane, lane + units, …, `units` being the row's units) in registers for the whole
+//! call, so the iterations read no memory; entries beyond `per_unit · units` are streamed
+//! from memory each iteration.
 //! Arithmetic is f32 whatever the storage type. The kernels use the fast exp and log
 //! intrinsics: their arguments are finite (masked scores are −1e30, not −inf) and every log
 //! is of a sum ≥ 1 (the entry at the shift contributes exp(0)).
@@ -24,70 +26,156 @@ const MASKED_SCORE: f32 = -1.0e30;
 /// shift and the inverse temperature.
 pub(crate) const COEFFICIENTS_PER_STEP: u32 = 4;
 
-/// Sum over the units of a row's group. `planes` is the number of planes in the group (1:
-/// the group is one plane); larger groups combine their planes' sums in `partials`.
-#[cube]
-fn group_sum(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u32) -> f32 {
-    let plane_total = plane_sum(value);
-    let mut total = plane_total;
-    if comptime![planes > 1] {
-        if UNIT_POS_PLANE == 0 {
-            partials[PLANE_POS as usize] = plane_total;
-        }
-        sync_cube();
-        total = 0.0;
-        for i in 0..planes {
-            total += partials[i as usize];
-        }
-        sync_cube();
-    }
-    total
+/// Where the units of a row combine their partial results: `partials` in shared memory for
+/// the planes of a cube (two words per plane), and `exchange` in global memory for the cubes
+/// of a row split across several (see [`Reducer::across_cubes`]). Every combination of a
+/// split row takes its own exchange slot (two for a pair), numbered by the kernel.
+#[derive(CubeType)]
+struct Reducer {
+    partials: SharedMemory<f32>,
+    exchange: Array<Atomic<u32>>,
 }
 
-/// Sums of two values over the units of a row's group, exchanged between its planes at once
-/// (`partials` holds 2 per plane).
 #[cube]
-fn group_sum_pair(
-    first: f32,
-    second: f32,
-    partials: &mut SharedMemory<f32>,
-    #[comptime] planes: u32,
-) -> (f32, f32) {
-    let mut first_total = plane_sum(first);
-    let mut second_total = plane_sum(second);
-    if comptime![planes > 1] {
-        if UNIT_POS_PLANE == 0 {
-            partials[2 * PLANE_POS as usize] = first_total;
-            partials[2 * PLANE_POS as usize + 1] = second_total;
-        }
-        sync_cube();
-        first_total = 0.0;
-        second_total = 0.0;
-        for i in 0..planes {
-            first_total += partials[2 * i as usize];
-            second_total += partials[2 * i as usize + 1];
-        }
-        sync_cube();
+impl Reducer {
+    /// Sum over the units of a row.
+    fn sum(&mut self, value: f32, slot: usize, #[comptime] layout: KernelLayout) -> f32 {
+        let (total, _) = self.sum_pair(value, 0.0, slot, layout, 1u32);
+        total
     }
-    (first_total, second_total)
+
+    /// Sums of two values over the units of a row, combined at once (`values` 1: the first
+    /// alone).
+    fn sum_pair(
+        &mut self,
+        first: f32,
+        second: f32,
+        slot: usize,
+        #[comptime] layout: KernelLayout,
+        #[comptime] values: u32,
+    ) -> (f32, f32) {
+        let mut first_total = plane_sum(first);
+        let mut second_total = 0.0f32;
+        if comptime![values > 1] {
+            second_total = plane_sum(second);
+        }
+        if comptime![layout.planes > 1] {
+            if UNIT_POS_PLANE == 0 {
+                self.partials[2 * PLANE_POS as usize] = first_total;
+                if comptime![values > 1] {
+                    self.partials[2 * PLANE_POS as usize + 1] = second_total;
+                }
+            }
+            sync_cube();
+            first_total = 0.0;
+            second_total = 0.0;
+            for i in 0..layout.planes {
+                first_total += self.partials[2 * i as usize];
+                if comptime![values > 1] {
+                    second_total += self.partials[2 * i as usize + 1];
+                }
+            }
+            sync_cube();
+        }
+        if comptime![layout.splits > 1] {
+            let (first_row, second_row) =
+                self.across_cubes(first_total, second_total, slot, layout, values, false);
+            first_total = first_row;
+            second_total = second_row;
+        }
+        (first_total, second_total)
+    }
+
+    /// Maximum over the units of a row.
+    fn max(&mut self, value: f32, slot: usize, #[comptime] layout: KernelLayout) -> f32 {
+        let mut best = plane_max(value);
+        if comptime![layout.planes > 1] {
+            if UNIT_POS_PLANE == 0 {
+                self.partials[2 * PLANE_POS as usize] = best;
+            }
+            sync_cube();
+            for i in 0..layout.planes {
+                best = f32::max(best, self.partials[2 * i as usize]);
+            }
+            sync_cube();
+        }
+        if comptime![layout.splits > 1] {
+            let (row_best, _) = self.across_cubes(best, 0.0, slot, layout, 1u32, true);
+            best = row_best;
+        }
+        best
+    }
+
+    /// Combines one or two values (each the same in every unit of the cube) over the cubes of
+    /// a row split across `layout.splits` cubes, one row to a cube. Each cube posts its values
+    /// to `exchange` (slot-major: word `slot · cubes + cube`), then lanes of its first plane
+    /// wait for the words of the row's other cubes and combine them in one fixed order, so
+    /// that every cube of the row gets the same bits. Words are posted bit-inverted: 0, the
+    /// cleared state, would be a NaN's, which is never posted. The cubes of a row must run
+    /// at the same time: the launch keeps the grid within what the device holds at once.
+    fn across_cubes(
+        &mut self,
+        first: f32,
+        second: f32,
+        slot: usize,
+        #[comptime] layout: KernelLayout,
+        #[comptime] values: u32,
+        #[comptime] maximum: bool,
+    ) -> (f32, f32) {
+        let splits = comptime![layout.splits as usize];
+        let cubes = CUBE_COUNT;
+        let cube = cube_index();
+        let unit = UNIT_POS_X as usize;
+        if unit == 0 {
+            self.exchange[slot * cubes + cube].store(u32::reinterpret(first) ^ u32::MAX);
+            if comptime![values > 1] {
+                self.exchange[(slot + 1) * cubes + cube].store(u32::reinterpret(second) ^ u32::MAX);
+            }
+        }
+        let mut posted = select(maximum, f32::new(MASKED_SCORE), 0.0);
+        if unit < comptime![splits * values as usize] {
+            let at = (slot + unit / splits) * cubes + cube - cube % splits + unit % splits;
+            let mut word = 0u32;
+            while word == 0 {
+                word = self.exchange[at].load();
+            }
+            posted = f32::reinterpret(word ^ u32::MAX);
+        }
+        if PLANE_POS == 0 {
+            let first_total = if comptime![maximum] {
+                plane_max(posted)
+            } else {
+                plane_sum(select(unit < splits, posted, 0.0))
+            };
+            let mut second_total = 0.0f32;
+            if comptime![values > 1] {
+                second_total = plane_sum(select(unit >= splits, posted, 0.0));
+            }
+            if unit == 0 {
+                self.partials[0] = first_total;
+                self.partials[1] = second_total;
+            }
+        }
+        sync_cube();
+        let totals = (self.partials[0], self.partials[1]);
+        sync_cube();
+        totals
+    }
 }
 
-/// Maximum over the units of a row's group (see [`group_sum`]).
+/// A reducer over `exchange` with room for 32 planes' pairs.
 #[cube]
-fn group_max(value: f32, partials: &mut SharedMemory<f32>, #[comptime] planes: u32) -> f32 {
-    let plane_best = plane_max(value);
-    let mut best = plane_best;
-    if comptime![planes > 1] {
-        if UNIT_POS_PLANE == 0 {
-            partials[PLANE_POS as usize] = plane_best;
-        }
-        sync_cube();
-        for i in 0..planes {
-            best = f32::max(best, partials[i as usize]);
-        }
-        sync_cube();
+fn new_reducer(exchange: Array<Atomic<u32>>) -> Reducer {
+    Reducer {
+        partials: SharedMemory::<f32>::new(64usize),
+        exchange,
     }
-    best
+}
+
+/// The cube's position in the grid, as one index.
+#[cube]
+fn cube_index() -> usize {
+    CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
 }
 
 /// Score at `index`, with masked entries at [`MASKED_SCORE`].
@@ -107,25 +195,28 @@ fn score<F: Float, M: Int>(
     value
 }
 
-/// The row this unit works on and its position in the row's group.
+/// The row this unit works on and its position among the row's units (a split row's units
+/// are its cubes' units in order).
 #[cube]
-fn row_and_lane() -> (usize, usize) {
-    let cube = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+fn row_and_lane(#[comptime] layout: KernelLayout) -> (usize, usize) {
+    let splits = comptime![layout.splits as usize];
+    let cube = cube_index();
     (
-        cube * CUBE_DIM_Y as usize + UNIT_POS_Y as usize,
-        UNIT_POS_X as usize,
+        cube / splits * CUBE_DIM_Y as usize + UNIT_POS_Y as usize,
+        cube % splits * CUBE_DIM_X as usize + UNIT_POS_X as usize,
     )
 }
 
 /// The part of a row one unit holds: its resident entries (slot i is entry
-/// `lane + i · group`; slots past the row's end, `live` onwards, hold [`MASKED_SCORE`]) and
-/// where its streamed entries start.
+/// `lane + i · stride`, `stride` being the row's number of units; slots past the row's end,
+/// `live` onwards, hold [`MASKED_SCORE`]) and where its streamed entries start.
 #[derive(CubeType)]
 struct Share {
     resident: Array<f32>,
     live: u32,
     base: usize,
     lane: usize,
+    stride: usize,
     n: usize,
     streamed_from: usize,
 }
@@ -138,15 +229,16 @@ fn load_share<F: Float, M: Int>(
     base: usize,
     n: usize,
     lane: usize,
-    #[comptime] per_unit: u32,
+    #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) -> Share {
-    let group = CUBE_DIM_X as usize;
+    let per_unit = comptime![layout.per_unit];
+    let stride = CUBE_DIM_X as usize * comptime![layout.splits as usize];
     let mut resident = Array::<f32>::new(comptime![per_unit as usize]);
     let mut live = 0u32;
     #[unroll]
     for i in 0..per_unit {
-        let j = lane + i as usize * group;
+        let j = lane + i as usize * stride;
         let mut value = f32::new(MASKED_SCORE);
         if j < n {
             value = score::<F, M>(scores, mask, base + j, masked);
@@ -159,8 +251,9 @@ fn load_share<F: Float, M: Int>(
         live,
         base,
         lane,
+        stride,
         n,
-        streamed_from: per_unit as usize * group + lane,
+        streamed_from: per_unit as usize * stride + lane,
     }
 }
 
@@ -170,7 +263,8 @@ fn row_max<F: Float, M: Int>(
     share: &Share,
     scores: &Array<F>,
     mask: &Array<M>,
-    partials: &mut SharedMemory<f32>,
+    reducer: &mut Reducer,
+    slot: usize,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) -> f32 {
@@ -180,14 +274,13 @@ fn row_max<F: Float, M: Int>(
         best = f32::max(best, share.resident[i as usize]);
     }
     if comptime![layout.streamed] {
-        let group = CUBE_DIM_X as usize;
         let mut j = share.streamed_from;
         while j < share.n {
             best = f32::max(best, score::<F, M>(scores, mask, share.base + j, masked));
-            j += group;
+            j += share.stride;
         }
     }
-    group_max(best, partials, layout.planes)
+    reducer.max(best, slot, layout)
 }
 
 /// Number of valid entries, at least 1 so that a fully masked row stays finite (n without a
@@ -196,22 +289,22 @@ fn row_max<F: Float, M: Int>(
 fn valid_count<M: Int>(
     mask: &Array<M>,
     share: &Share,
-    partials: &mut SharedMemory<f32>,
+    reducer: &mut Reducer,
+    slot: usize,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) -> f32 {
     let mut count = f32::cast_from(share.n as u32);
     if comptime![masked] {
-        let group = CUBE_DIM_X as usize;
         let mut local = 0.0f32;
         let mut j = share.lane;
         while j < share.n {
             if mask[share.base + j] != M::new(0) {
                 local += 1.0;
             }
-            j += group;
+            j += share.stride;
         }
-        count = f32::max(group_sum(local, partials, layout.planes), 1.0);
+        count = f32::max(reducer.sum(local, slot, layout), 1.0);
     }
     count
 }
@@ -252,7 +345,8 @@ fn partition<F: Float, M: Int>(
     scores: &Array<F>,
     mask: &Array<M>,
     weighting: Weighting,
-    partials: &mut SharedMemory<f32>,
+    reducer: &mut Reducer,
+    slot: usize,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
     #[comptime] with_above: bool,
@@ -286,7 +380,6 @@ fn partition<F: Float, M: Int>(
         }
     }
     if comptime![layout.streamed] {
-        let group = CUBE_DIM_X as usize;
         let mut j = share.streamed_from;
         while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
@@ -295,14 +388,16 @@ fn partition<F: Float, M: Int>(
             if comptime![with_above] {
                 above += select(s > ceiling, w, 0.0);
             }
-            j += group;
+            j += share.stride;
         }
     }
-    if comptime![with_above] {
-        group_sum_pair(total, above, partials, layout.planes)
-    } else {
-        (group_sum(total, partials, layout.planes), 0.0)
-    }
+    reducer.sum_pair(
+        total,
+        above,
+        slot,
+        layout,
+        comptime![if with_above { 2u32 } else { 1u32 }],
+    )
 }
 
 /// Anchored weights at the constant temperature the schedule ends on: each resident entry's
@@ -386,12 +481,16 @@ pub struct KernelLayout {
     pub streamed: bool,
     /// Rows per cube.
     pub rows_per_cube: u32,
+    /// Cubes per row (more than 1: one row to a cube, combining their sums through the
+    /// exchange words).
+    pub splits: u32,
     /// Capacity of the backward's per-iteration coefficients (streamed rows only).
     pub max_steps: u32,
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
-/// `thresholds` receives a_1..a_T of every row (`[rows, steps]`).
+/// `thresholds` receives a_1..a_T of every row (`[rows, steps]`). A split row's cubes use
+/// `exchange` slots 0 (maximum), 1 (valid count) and 1 + t (iteration t), cleared.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_forward<F: Float, M: Int>(
     scores: &Array<F>,
@@ -400,6 +499,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     schedule: &Array<f32>,
     output: &mut Array<F>,
     thresholds: &mut Array<f32>,
+    exchange: Array<Atomic<u32>>,
     rows: u32,
     n: u32,
     steps: u32,
@@ -407,8 +507,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(32usize);
-    let (row, lane) = row_and_lane();
+    let mut reducer = new_reducer(exchange);
+    let (row, lane) = row_and_lane(layout);
     // Groups of a partial last cube have no row; they exit together, so no barrier of a
     // multi-plane group (only those use barriers, one row to a cube) is left waiting.
     if row >= rows as usize {
@@ -416,10 +516,10 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let n = n as usize;
     let steps = steps as usize;
-    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout, masked);
     let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
-    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
-    let n_valid = valid_count::<M>(mask, &share, &mut partials, layout, masked);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut reducer, 0, layout, masked);
+    let n_valid = valid_count::<M>(mask, &share, &mut reducer, 1, layout, masked);
     let log_k = f32::ln(f32::cast_from(k[row]));
     let mut a = schedule[0] * (log_k - f32::ln(n_valid));
     if lane == 0 {
@@ -445,7 +545,8 @@ pub fn coor_descent_forward<F: Float, M: Int>(
             scores,
             mask,
             weighting,
-            &mut partials,
+            &mut reducer,
+            1 + t,
             layout,
             masked,
             false,
@@ -471,12 +572,11 @@ fn write_output<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let group = CUBE_DIM_X as usize;
     #[unroll]
     for i in 0..layout.per_unit {
         if i < share.live {
             let y = soft_top_k(share.resident[i as usize], a, inv_eps);
-            output[share.base + share.lane + i as usize * group] = F::cast_from(y);
+            output[share.base + share.lane + i as usize * share.stride] = F::cast_from(y);
         }
     }
     if comptime![layout.streamed] {
@@ -484,7 +584,7 @@ fn write_output<F: Float, M: Int>(
         while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
             output[share.base + j] = F::cast_from(soft_top_k(s, a, inv_eps));
-            j += group;
+            j += share.stride;
         }
     }
 }
@@ -515,7 +615,8 @@ fn output_slope(s: f32, a_last: f32, g: f32, inv_eps_out: f32) -> f32 {
 /// respect to the scores and to k. Resident entries accumulate their gradient in registers
 /// during the sweep; for streamed entries `coefficients` (shared, four per iteration and row
 /// of the cube) carries each iteration's ā_t/Z_t, ceiling, shift and inverse temperature to
-/// a final pass, so their gradient too is written once.
+/// a final pass, so their gradient too is written once. A split row's cubes use `exchange`
+/// slots 0 (maximum), 1 (ā_T) and 2 + 2(T − t), 3 + 2(T − t) (iteration t), cleared.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_backward<F: Float, M: Int>(
     scores: &Array<F>,
@@ -526,6 +627,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     grad: &Array<F>,
     d_scores: &mut Array<F>,
     d_k: &mut Array<F>,
+    exchange: Array<Atomic<u32>>,
     rows: u32,
     n: u32,
     steps: u32,
@@ -533,27 +635,26 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    // Two partial sums per plane (see `group_sum_pair`).
-    let mut partials = SharedMemory::<f32>::new(64usize);
+    let mut reducer = new_reducer(exchange);
     let mut coefficients = SharedMemory::<f32>::new(comptime![if layout.streamed {
         (COEFFICIENTS_PER_STEP * layout.max_steps * layout.rows_per_cube) as usize
     } else {
         1usize
     }]);
-    let (row, lane) = row_and_lane();
+    let (row, lane) = row_and_lane(layout);
     // Rows past the end still reach the barriers: they only skip the memory writes.
     let active = row < rows as usize;
     let row = select(active, row, 0usize);
     let n = n as usize;
     let steps = steps as usize;
-    let group = CUBE_DIM_X as usize;
-    let stride = COEFFICIENTS_PER_STEP as usize;
-    let slot = UNIT_POS_Y as usize * stride * layout.max_steps as usize;
-    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
+    let per_step = COEFFICIENTS_PER_STEP as usize;
+    let table = UNIT_POS_Y as usize * per_step * layout.max_steps as usize;
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout, masked);
     let base = share.base;
+    let stride = share.stride;
     let mut weights = Array::<f32>::new(comptime![layout.per_unit as usize]);
     let mut resident_grad = Array::<f32>::new(comptime![layout.per_unit as usize]);
-    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut reducer, 0, layout, masked);
     let a_last = thresholds[row * steps + steps - 1];
     let inv_eps_out = 1.0 / schedule[steps];
 
@@ -563,7 +664,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     for i in 0..layout.per_unit {
         let mut slope = 0.0f32;
         if i < share.live {
-            let g = f32::cast_from(grad[base + lane + i as usize * group]);
+            let g = f32::cast_from(grad[base + lane + i as usize * stride]);
             slope = output_slope(share.resident[i as usize], a_last, g, inv_eps_out);
         }
         local += slope;
@@ -574,10 +675,10 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         while j < n {
             let s = score::<F, M>(scores, mask, base + j, masked);
             local += output_slope(s, a_last, f32::cast_from(grad[base + j]), inv_eps_out);
-            j += group;
+            j += stride;
         }
     }
-    let mut d_a = group_sum(local, &mut partials, layout.planes) * inv_eps_out;
+    let mut d_a = reducer.sum(local, 1, layout) * inv_eps_out;
     let mut d_log_k = d_a * schedule[steps - 1];
 
     // Reverse sweep over t = T..2: a_t depends on a_{t−1} through the softmax at eps_t,
@@ -602,7 +703,8 @@ pub fn coor_descent_backward<F: Float, M: Int>(
             scores,
             mask,
             weighting,
-            &mut partials,
+            &mut reducer,
+            2 + 2 * (steps - t),
             layout,
             masked,
             true,
@@ -616,8 +718,8 @@ pub fn coor_descent_backward<F: Float, M: Int>(
             }
         }
         if comptime![layout.streamed] {
-            if lane == 0 {
-                let at = slot + stride * (t - 2);
+            if UNIT_POS_X == 0 {
+                let at = table + per_step * (t - 2);
                 coefficients[at] = coefficient;
                 coefficients[at + 1] = weighting.ceiling;
                 coefficients[at + 2] = weighting.reference;
@@ -636,7 +738,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
             if i < share.live {
                 let s = share.resident[i as usize];
                 let ds = select(s > MASKED_SCORE, resident_grad[i as usize], 0.0);
-                d_scores[base + lane + i as usize * group] = F::cast_from(ds);
+                d_scores[base + lane + i as usize * stride] = F::cast_from(ds);
             }
         }
     }
@@ -650,7 +752,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                 let mut ds = output_slope(s, a_last, g, inv_eps_out) * inv_eps_out;
                 if s > MASKED_SCORE {
                     for u in 0..steps - 1 {
-                        let at = slot + stride * u;
+                        let at = table + per_step * u;
                         if s <= coefficients[at + 1] {
                             let shift = coefficients[at + 2];
                             ds -= coefficients[at] * f32::exp((s - shift) * coefficients[at + 3]);
@@ -658,7 +760,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                     }
                 }
                 d_scores[base + j] = F::cast_from(ds);
-                j += group;
+                j += stride;
             }
         }
     }
@@ -677,7 +779,8 @@ fn valid_min<F: Float, M: Int>(
     share: &Share,
     scores: &Array<F>,
     mask: &Array<M>,
-    partials: &mut SharedMemory<f32>,
+    reducer: &mut Reducer,
+    slot: usize,
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) -> f32 {
@@ -689,15 +792,14 @@ fn valid_min<F: Float, M: Int>(
         best = f32::max(best, select(s > MASKED_SCORE, -s, MASKED_SCORE));
     }
     if comptime![layout.streamed] {
-        let group = CUBE_DIM_X as usize;
         let mut j = share.streamed_from;
         while j < share.n {
             let s = score::<F, M>(scores, mask, share.base + j, masked);
             best = f32::max(best, select(s > MASKED_SCORE, -s, MASKED_SCORE));
-            j += group;
+            j += share.stride;
         }
     }
-    -group_max(best, partials, layout.planes)
+    -reducer.max(best, slot, layout)
 }
 
 /// The converged solver: the fixed point f(a) = Σ_j exp(min(s_j + a, 0)/eps) = k of every
@@ -705,7 +807,9 @@ fn valid_min<F: Float, M: Int>(
 /// [eps·ln(k/n_valid) − max s, −min s] by bisection (colt5's `converged.rs` describes the
 /// method); each row stops on its own once |f/k − 1| ≤ `tolerance` or the bracket has
 /// closed to f32 precision, after at most `max_passes` passes. Writes the output, the
-/// threshold a of every row (`[rows]`, element `F`) and the passes it took (`[rows]`).
+/// threshold a of every row (`[rows]`, element `F`) and the passes it took (`[rows]`). A
+/// split row's cubes use `exchange` slots 0 (maximum), 1 (minimum), 2 (valid count) and
+/// 2p + 1, 2p + 2 (pass p), cleared.
 #[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotInf)]
 pub fn coor_descent_converged<F: Float, M: Int>(
     scores: &Array<F>,
@@ -714,6 +818,7 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     output: &mut Array<F>,
     thresholds: &mut Array<F>,
     passes: &mut Array<u32>,
+    exchange: Array<Atomic<u32>>,
     rows: u32,
     n: u32,
     eps: f32,
@@ -722,18 +827,18 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     #[comptime] layout: KernelLayout,
     #[comptime] masked: bool,
 ) {
-    let mut partials = SharedMemory::<f32>::new(32usize);
-    let (row, lane) = row_and_lane();
+    let mut reducer = new_reducer(exchange);
+    let (row, lane) = row_and_lane(layout);
     // As in the forward: groups without a row exit together.
     if row >= rows as usize {
         terminate!();
     }
     let n = n as usize;
     let inv_eps = 1.0 / eps;
-    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout.per_unit, masked);
-    let row_max = row_max::<F, M>(&share, scores, mask, &mut partials, layout, masked);
-    let row_min = valid_min::<F, M>(&share, scores, mask, &mut partials, layout, masked);
-    let n_valid = valid_count::<M>(mask, &share, &mut partials, layout, masked);
+    let share = load_share::<F, M>(scores, mask, row * n, n, lane, layout, masked);
+    let row_max = row_max::<F, M>(&share, scores, mask, &mut reducer, 0, layout, masked);
+    let row_min = valid_min::<F, M>(&share, scores, mask, &mut reducer, 1, layout, masked);
+    let n_valid = valid_count::<M>(mask, &share, &mut reducer, 2, layout, masked);
     let k_row = f32::cast_from(k[row]);
     let log_target = f32::ln(f32::min(k_row, n_valid));
     let mut lo = eps * f32::ln(k_row / n_valid) - row_max;
@@ -757,18 +862,22 @@ pub fn coor_descent_converged<F: Float, M: Int>(
             local_below += select(s + a < 0.0, y, 0.0);
         }
         if comptime![layout.streamed] {
-            let group = CUBE_DIM_X as usize;
             let mut j = share.streamed_from;
             while j < n {
                 let s = score::<F, M>(scores, mask, share.base + j, masked);
                 let y = soft_top_k(s, a, inv_eps);
                 local_total += y;
                 local_below += select(s + a < 0.0, y, 0.0);
-                j += group;
+                j += share.stride;
             }
         }
-        let total = group_sum(local_total, &mut partials, layout.planes);
-        let below = group_sum(local_below, &mut partials, layout.planes);
+        let (total, below) = reducer.sum_pair(
+            local_total,
+            local_below,
+            1 + 2 * count as usize,
+            layout,
+            2u32,
+        );
         let log_total = f32::ln(total);
         let residual = f32::abs(f32::exp(log_total - log_target) - 1.0);
         let width = (hi - lo) / (f32::abs(a) + eps);
@@ -793,5 +902,13 @@ pub fn coor_descent_converged<F: Float, M: Int>(
     if lane == 0 {
         thresholds[row] = F::cast_from(a);
         passes[row] = count;
+    }
+}
+
+/// Sets every word of `words` to 0: the cleared state of the exchange words of split rows.
+#[cube(launch)]
+pub(crate) fn clear_words(words: &mut Array<u32>) {
+    if ABSOLUTE_POS < words.len() {
+        words[ABSOLUTE_POS] = 0;
     }
 }

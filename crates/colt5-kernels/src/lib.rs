@@ -11,7 +11,9 @@
 //!
 //! A row is handled by the smallest group of units — one plane (warp), several rows to a
 //! cube, or a cube of several planes — whose units can hold it in registers; rows longer
-//! than the largest group holds stream the rest from memory. Updates at the schedule's final
+//! than the largest group holds stream the rest from memory. When the rows are too few to
+//! occupy the device's multiprocessors, long rows are split across several cubes, which
+//! combine their sums through words in global memory. Updates at the schedule's final
 //! temperature use anchored weights (no exp per entry and iteration; see
 //! [`Schedule::steady`]). This crate depends only on CubeCL: `colt5` wires it into burn's
 //! CubeCL backends.
@@ -21,7 +23,7 @@ mod kernels;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use kernels::COEFFICIENTS_PER_STEP;
+use kernels::{clear_words, COEFFICIENTS_PER_STEP};
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
 };
@@ -36,6 +38,13 @@ const FORWARD_RESIDENT: usize = 32;
 const BACKWARD_RESIDENT: usize = 16;
 /// Shared memory the backward's per-iteration coefficients may take (bytes).
 const COEFFICIENT_BYTES: usize = 16 * 1024;
+/// Entries of a row one cube takes before the row is split across cubes (when the rows are
+/// too few to occupy the device): beyond it the forward needs its largest cube and the
+/// backward streams, while each combination of sums between cubes costs about 1.5 µs on an
+/// H100, so shorter rows run faster in one cube.
+const MAX_PIECE: usize = 16 * 1024;
+/// Exchange slots a launch may use with split rows (each takes a word per cube).
+const MAX_EXCHANGE_SLOTS: usize = 4096;
 /// The most iterations the kernels take.
 pub const MAX_STEPS: usize = 1024;
 
@@ -108,18 +117,23 @@ impl std::error::Error for LaunchError {}
 #[derive(Clone, Copy, Debug)]
 struct Layout {
     kernel: KernelLayout,
-    /// Units per row.
+    /// Units per cube along a row.
     group: u32,
     cubes: usize,
 }
 
 impl Layout {
-    /// The smallest group (a plane, or a power-of-two number of planes up to a cube) that
-    /// holds the row in registers at `resident` entries per unit; the longest rows take the
-    /// largest group and stream what does not fit.
+    /// Rows longer than [`MAX_PIECE`] are split into pieces of at most that many entries
+    /// when the device has multiprocessors to spare: one cube per piece and at most one cube
+    /// per multiprocessor, so that the cubes of a row always run together. A backend that
+    /// does not report its multiprocessors splits nothing. Each piece takes the smallest
+    /// group (a plane, or a power-of-two number of planes up to a cube) that holds it in
+    /// registers at `resident` entries per unit; the longest take the largest group and
+    /// stream what does not fit.
     fn new<R: Runtime>(
         client: &ComputeClient<R>,
         shape: Rows,
+        slots: usize,
         steps: usize,
         resident: usize,
     ) -> Layout {
@@ -130,14 +144,27 @@ impl Layout {
             .min(MAX_GROUP)
             .min(32 * plane)
             .max(plane);
+        // A split row's combination reads one word per cube and value (two values at most)
+        // in one plane.
+        let max_splits = match hardware.num_streaming_multiprocessors {
+            Some(multiprocessors) if slots <= MAX_EXCHANGE_SLOTS => {
+                (multiprocessors as usize / shape.rows).min(plane / 2)
+            }
+            _ => 1,
+        };
+        let mut splits = 1;
+        while splits * 2 <= max_splits && shape.n.div_ceil(splits) > MAX_PIECE {
+            splits *= 2;
+        }
+        let piece = shape.n.div_ceil(splits);
         let mut group = plane;
-        while group * resident < shape.n && group * 2 <= max_group {
+        while group * resident < piece && group * 2 <= max_group {
             group *= 2;
         }
-        let per_unit = shape.n.div_ceil(group).min(resident);
-        let streamed = per_unit * group < shape.n;
+        let per_unit = piece.div_ceil(group).min(resident);
+        let streamed = per_unit * group * splits < shape.n;
         let max_steps = max_steps(steps);
-        let rows_per_cube = if group == plane {
+        let rows_per_cube = if group == plane && splits == 1 {
             let coefficient_rows = if streamed {
                 COEFFICIENT_BYTES / (4 * COEFFICIENTS_PER_STEP as usize * max_steps)
             } else {
@@ -153,10 +180,11 @@ impl Layout {
                 per_unit: per_unit as u32,
                 streamed,
                 rows_per_cube: rows_per_cube as u32,
+                splits: splits as u32,
                 max_steps: max_steps as u32,
             },
             group: group as u32,
-            cubes: shape.rows.div_ceil(rows_per_cube),
+            cubes: shape.rows.div_ceil(rows_per_cube) * splits,
         }
     }
 
@@ -203,9 +231,11 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             layout,
             mask,
             mask_len,
+            exchange,
+            exchange_len,
         },
         schedule_handle,
-    ) = Launch::iterative::<R, M>(client, inputs, schedule, FORWARD_RESIDENT)?;
+    ) = Launch::iterative::<R, M>(client, inputs, schedule, steps + 1, FORWARD_RESIDENT)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -219,6 +249,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             ArrayArg::from_raw_parts(schedule_handle, steps + 1),
             ArrayArg::from_raw_parts(output.clone(), rows * n),
             ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
+            ArrayArg::from_raw_parts(exchange, exchange_len),
             rows as u32,
             n as u32,
             steps as u32,
@@ -248,9 +279,11 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             layout,
             mask,
             mask_len,
+            exchange,
+            exchange_len,
         },
         schedule_handle,
-    ) = Launch::iterative::<R, M>(client, inputs, schedule, BACKWARD_RESIDENT)?;
+    ) = Launch::iterative::<R, M>(client, inputs, schedule, 2 * steps, BACKWARD_RESIDENT)?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -266,6 +299,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             ArrayArg::from_raw_parts(grad.clone(), rows * n),
             ArrayArg::from_raw_parts(d_scores.clone(), rows * n),
             ArrayArg::from_raw_parts(d_k.clone(), rows),
+            ArrayArg::from_raw_parts(exchange, exchange_len),
             rows as u32,
             n as u32,
             steps as u32,
@@ -301,8 +335,16 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         layout,
         mask,
         mask_len,
+        exchange,
+        exchange_len,
+    } = Launch::new::<R, M>(
+        client,
+        inputs,
+        2 * convergence.max_passes as usize + 3,
         // No per-iteration coefficients (the backward's alone keeps them): any step count.
-    } = Launch::new::<R, M>(client, inputs, 1, FORWARD_RESIDENT)?;
+        1,
+        FORWARD_RESIDENT,
+    )?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * F::type_size());
     let passes = client.empty(rows * 4);
@@ -317,6 +359,7 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             ArrayArg::from_raw_parts(output.clone(), rows * n),
             ArrayArg::from_raw_parts(thresholds.clone(), rows),
             ArrayArg::from_raw_parts(passes.clone(), rows),
+            ArrayArg::from_raw_parts(exchange, exchange_len),
             rows as u32,
             n as u32,
             convergence.eps,
@@ -329,20 +372,25 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     Ok((output, thresholds, passes))
 }
 
-/// What the kernels' launches share: the checked shape, the layout, and the mask's handle
-/// (or a one-element placeholder the kernels never read).
+/// What the kernels' launches share: the checked shape, the layout, the mask's handle (or a
+/// one-element placeholder the kernels never read) and the cleared exchange words of split
+/// rows (a placeholder when no row is split).
 struct Launch {
     rows: usize,
     n: usize,
     layout: Layout,
     mask: Handle,
     mask_len: usize,
+    exchange: Handle,
+    exchange_len: usize,
 }
 
 impl Launch {
+    /// A launch whose kernel combines a split row's sums in at most `slots` exchange slots.
     fn new<R: Runtime, M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
+        slots: usize,
         steps: usize,
         resident: usize,
     ) -> Result<Launch, LaunchError> {
@@ -354,27 +402,49 @@ impl Launch {
             Some(mask) => (mask.clone(), rows * n),
             None => (client.empty(M::type_size()), 1),
         };
+        let layout = Layout::new(client, inputs.shape, slots, steps, resident);
+        let exchange_len = match layout.kernel.splits {
+            1 => 1,
+            _ => slots * layout.cubes,
+        };
+        let exchange = client.empty(exchange_len * 4);
+        if layout.kernel.splits > 1 {
+            const UNITS: u32 = 256;
+            let cubes = exchange_len.div_ceil(UNITS as usize) as u32;
+            unsafe {
+                clear_words::launch::<R>(
+                    client,
+                    CubeCount::Static(cubes, 1, 1),
+                    CubeDim::new_1d(UNITS),
+                    ArrayArg::from_raw_parts(exchange.clone(), exchange_len),
+                );
+            }
+        }
         Ok(Launch {
             rows,
             n,
-            layout: Layout::new(client, inputs.shape, steps, resident),
+            layout,
             mask,
             mask_len,
+            exchange,
+            exchange_len,
         })
     }
 
-    /// A launch of the iterative solver's kernels, with the schedule checked and uploaded.
+    /// A launch of the iterative solver's kernels (exchange slots: the forward's steps + 1
+    /// or the backward's 2 · steps), with the schedule checked and uploaded.
     fn iterative<R: Runtime, M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
         schedule: &Schedule,
+        slots: usize,
         resident: usize,
     ) -> Result<(Launch, Handle), LaunchError> {
         let steps = schedule.steps();
         if steps == 0 || steps > MAX_STEPS {
             return Err(LaunchError::Steps(steps));
         }
-        let launch = Launch::new::<R, M>(client, inputs, steps, resident)?;
+        let launch = Launch::new::<R, M>(client, inputs, slots, steps, resident)?;
         Ok((launch, client.create_from_slice(f32::as_bytes(&schedule.0))))
     }
 }

@@ -1,8 +1,10 @@
 //! The fused CubeCL kernels against the f64 CPU implementation: outputs and gradients over
-//! a grid of shapes (1 to 65536 columns, odd sizes, masks, per-row k, eps schedules).
+//! a grid of shapes (1 to 300 007 columns, odd sizes, masks, per-row k, eps schedules).
 //!
 //! Built with `--features wgpu` (CI runs them on lavapipe, the software Vulkan driver) or
 //! `--features cuda` (on an NVIDIA GPU): `cargo test -p colt5 --features cuda --test kernels`.
+//! Only backends that report their multiprocessors (CUDA) split long rows across cubes, so
+//! the split layouts are checked on a GPU.
 #![cfg(any(feature = "cuda", feature = "wgpu"))]
 
 use burn::backend::{Autodiff, NdArray};
@@ -281,6 +283,9 @@ fn kernels_match_the_cpu_implementation_over_shapes() {
         (2, 4097),
         (3, 10_001),
         (2, 65_536),
+        // Rows split across cubes on a GPU: 4 pieces; 16 pieces, streamed in the backward.
+        (3, 40_001),
+        (1, 300_007),
     ];
     for (index, &(rows, n)) in shapes.iter().enumerate() {
         for (masked, per_row_k) in [(false, false), (true, true)] {
@@ -378,6 +383,7 @@ fn converged_kernel_matches_the_cpu_implementation() {
         (3, 10_001),
         (2, 65_536),
         (16, 16_384),
+        (3, 40_001),
     ];
     for (index, &(rows, n)) in shapes.iter().enumerate() {
         for (masked, per_row_k) in [(false, false), (true, true)] {
