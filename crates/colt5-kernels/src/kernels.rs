@@ -26,18 +26,34 @@ const MASKED_SCORE: f32 = -1.0e30;
 /// shift and the inverse temperature.
 pub(crate) const COEFFICIENTS_PER_STEP: u32 = 4;
 
+/// Words of `partials` one combination uses: two per plane, for 32 planes.
+const PARTIALS: usize = 64;
+
 /// Where the units of a row combine their partial results: `partials` in shared memory for
 /// the planes of a cube (two words per plane), and `exchange` in global memory for the cubes
 /// of a row split across several (see [`Reducer::across_cubes`]). Every combination of a
 /// split row takes its own exchange slot (two for a pair), numbered by the kernel.
+///
+/// Successive combinations in shared memory alternate between two halves of `partials`, so
+/// each needs one barrier: a half is written again two combinations later, after the
+/// barrier of the one between, which every unit reaches only once it has read the half.
 #[derive(CubeType)]
 struct Reducer {
     partials: SharedMemory<f32>,
     exchange: Array<Atomic<u32>>,
+    /// The half of `partials` the next combination uses (0 or 1).
+    half: usize,
 }
 
 #[cube]
 impl Reducer {
+    /// The first word of the half of `partials` this combination uses.
+    fn next_half(&mut self) -> usize {
+        let start = self.half * PARTIALS;
+        self.half = 1 - self.half;
+        start
+    }
+
     /// Sum over the units of a row.
     fn sum(&mut self, value: f32, slot: usize, #[comptime] layout: KernelLayout) -> f32 {
         let (total, _) = self.sum_pair(value, 0.0, slot, layout, 1u32);
@@ -60,22 +76,22 @@ impl Reducer {
             second_total = plane_sum(second);
         }
         if comptime![layout.planes > 1] {
+            let start = self.next_half();
             if UNIT_POS_PLANE == 0 {
-                self.partials[2 * PLANE_POS as usize] = first_total;
+                self.partials[start + 2 * PLANE_POS as usize] = first_total;
                 if comptime![values > 1] {
-                    self.partials[2 * PLANE_POS as usize + 1] = second_total;
+                    self.partials[start + 2 * PLANE_POS as usize + 1] = second_total;
                 }
             }
             sync_cube();
             first_total = 0.0;
             second_total = 0.0;
             for i in 0..layout.planes {
-                first_total += self.partials[2 * i as usize];
+                first_total += self.partials[start + 2 * i as usize];
                 if comptime![values > 1] {
-                    second_total += self.partials[2 * i as usize + 1];
+                    second_total += self.partials[start + 2 * i as usize + 1];
                 }
             }
-            sync_cube();
         }
         if comptime![layout.splits > 1] {
             let (first_row, second_row) =
@@ -90,14 +106,14 @@ impl Reducer {
     fn max(&mut self, value: f32, slot: usize, #[comptime] layout: KernelLayout) -> f32 {
         let mut best = plane_max(value);
         if comptime![layout.planes > 1] {
+            let start = self.next_half();
             if UNIT_POS_PLANE == 0 {
-                self.partials[2 * PLANE_POS as usize] = best;
+                self.partials[start + 2 * PLANE_POS as usize] = best;
             }
             sync_cube();
             for i in 0..layout.planes {
-                best = f32::max(best, self.partials[2 * i as usize]);
+                best = f32::max(best, self.partials[start + 2 * i as usize]);
             }
-            sync_cube();
         }
         if comptime![layout.splits > 1] {
             let (row_best, _) = self.across_cubes(best, 0.0, slot, layout, 1u32, true);
@@ -123,6 +139,7 @@ impl Reducer {
         #[comptime] maximum: bool,
     ) -> (f32, f32) {
         let splits = comptime![layout.splits as usize];
+        let start = self.next_half();
         let cubes = CUBE_COUNT;
         let cube = cube_index();
         let unit = UNIT_POS_X as usize;
@@ -152,23 +169,22 @@ impl Reducer {
                 second_total = plane_sum(select(unit >= splits, posted, 0.0));
             }
             if unit == 0 {
-                self.partials[0] = first_total;
-                self.partials[1] = second_total;
+                self.partials[start] = first_total;
+                self.partials[start + 1] = second_total;
             }
         }
         sync_cube();
-        let totals = (self.partials[0], self.partials[1]);
-        sync_cube();
-        totals
+        (self.partials[start], self.partials[start + 1])
     }
 }
 
-/// A reducer over `exchange` with room for 32 planes' pairs.
+/// A reducer over `exchange`.
 #[cube]
 fn new_reducer(exchange: Array<Atomic<u32>>) -> Reducer {
     Reducer {
-        partials: SharedMemory::<f32>::new(64usize),
+        partials: SharedMemory::<f32>::new(2 * PARTIALS),
         exchange,
+        half: 0,
     }
 }
 
