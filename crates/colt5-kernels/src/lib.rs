@@ -125,7 +125,9 @@ struct Layout {
 impl Layout {
     /// Rows longer than [`MAX_PIECE`] are split into pieces of at most that many entries
     /// when the device has multiprocessors to spare: one cube per piece and at most one cube
-    /// per multiprocessor, so that the cubes of a row always run together. A backend that
+    /// per multiprocessor, so that the cubes of a row run together (CubeCL 0.10 has no
+    /// cooperative launch to guarantee it: two split launches started at the same moment on
+    /// two streams of one device could hold each other's multiprocessors). A backend that
     /// does not report its multiprocessors splits nothing. Each piece takes the smallest
     /// group (a plane, or a power-of-two number of planes up to a cube) that holds it in
     /// registers at `resident` entries per unit; the longest take the largest group and
