@@ -18,6 +18,11 @@ pub struct CdArgs {
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 25)]
     runs: usize,
+    /// Also time the converged solver's kernel (eps 0.03, tolerance 1e-6, at most 100
+    /// passes) on the same shapes, in a second table: its forward alone (its gradient is
+    /// portable tensor code).
+    #[arg(long)]
+    converged: bool,
 }
 
 /// Storage type of the scores (arithmetic is f32).
@@ -68,8 +73,8 @@ mod gpu {
     use anyhow::{Context, Result};
     use burn::backend::{Autodiff, NdArray};
     use burn::tensor::{Tensor, TensorData};
-    use colt5::coor_descent::{coor_descent, CoorDescentConfig};
-    use colt5_kernels::{Inputs, Rows, Schedule};
+    use colt5::coor_descent::{coor_descent, CoorDescentConfig, Solver};
+    use colt5_kernels::{Convergence, Inputs, Rows, Schedule};
     use cubecl::prelude::*;
     use cubecl::server::Handle;
     use rand::SeedableRng;
@@ -85,6 +90,22 @@ mod gpu {
     /// The router's schedule: eps 0.03 from 4, decaying by 0.7.
     fn router_config(iters: usize) -> CoorDescentConfig {
         CoorDescentConfig::iterations(iters, 0.03, Some(4.0), 0.7)
+    }
+
+    /// The converged solver timed by `--converged`.
+    const CONVERGENCE: Convergence = Convergence {
+        eps: 0.03,
+        tolerance: 1e-6,
+        max_passes: 100,
+    };
+
+    fn converged_config() -> CoorDescentConfig {
+        CoorDescentConfig::new()
+            .with_eps(CONVERGENCE.eps as f64)
+            .with_solver(Solver::Converged {
+                tolerance: CONVERGENCE.tolerance as f64,
+                max_passes: CONVERGENCE.max_passes as usize,
+            })
     }
 
     fn schedule(iters: usize) -> Schedule {
@@ -160,23 +181,42 @@ mod gpu {
                 }
             }
         }
+        if args.converged {
+            println!();
+            println!("| rows x cols | dtype | passes (most of any row) | fwd ms | error out |");
+            println!("|---|---|---|---|---|");
+            for &(rows, cols) in shapes {
+                for &dtype in &args.dtypes {
+                    let line = match dtype {
+                        Dtype::F32 => measure_converged::<f32>(&client, args, rows, cols),
+                        Dtype::F16 => measure_converged::<half::f16>(&client, args, rows, cols),
+                        Dtype::Bf16 => measure_converged::<half::bf16>(&client, args, rows, cols),
+                    }
+                    .with_context(|| format!("{rows}x{cols} {dtype:?} converged"))?;
+                    println!(
+                        "| {rows}x{cols} | {} | {line} |",
+                        format!("{dtype:?}").to_lowercase()
+                    );
+                }
+            }
+        }
         Ok(())
     }
 
     /// Rows of each shape checked against the f64 CPU implementation.
     const CHECKED_ROWS: usize = 4;
 
-    /// Errors of the kernels' output and score gradient (max |a − b| / max |b|) on the first
-    /// [`CHECKED_ROWS`] rows, against the f64 CPU implementation given the same inputs
-    /// rounded to `F`: what remains is the kernels' arithmetic and the rounding of their
-    /// results to `F`.
+    /// Errors of a kernel's output and (given the output gradient `g` and the kernel's score
+    /// gradient) score gradient, max |a − b| / max |b| on the first [`CHECKED_ROWS`] rows,
+    /// against the f64 CPU implementation of `config` given the same inputs rounded to `F`:
+    /// what remains is the kernels' arithmetic and the rounding of their results to `F`.
     fn errors<F: CubeElement + Float>(
         client: &ComputeClient<Gpu>,
-        [scores, grad]: [&[f32]; 2],
-        [output, d_scores]: [Handle; 2],
+        (scores, output): (&[f32], Handle),
+        gradient: Option<(&[f32], Handle)>,
         cols: usize,
-        iters: usize,
-    ) -> Result<(f64, f64)>
+        config: &CoorDescentConfig,
+    ) -> Result<(f64, Option<f64>)>
     where
         f32: From<F>,
     {
@@ -202,15 +242,18 @@ mod gpu {
             |values| Tensor::<Cpu, 2>::from_data(TensorData::new(values, [rows, cols]), &device);
         let scores = tensor(round(scores)).require_grad();
         let k = f32::from(F::new(cols as f32 / 8.0)) as f64;
-        let y = coor_descent(scores.clone(), k, None, &router_config(iters))?;
-        let grads = (y.clone() * tensor(round(grad))).sum().backward();
+        let y = coor_descent(scores.clone(), k, None, config)?;
         let values = |t: Tensor<NdArray<f64>, 2>| t.into_data().to_vec::<f64>().expect("f64 data");
-        let expected_output = values(y.inner());
-        let expected_gradient = values(scores.grad(&grads).context("no gradient for the scores")?);
-        Ok((
-            relative_error(&read(output)?, &expected_output),
-            relative_error(&read(d_scores)?, &expected_gradient),
-        ))
+        let output_error = relative_error(&read(output)?, &values(y.clone().inner()));
+        let gradient_error = match gradient {
+            Some((grad, d_scores)) => {
+                let grads = (y * tensor(round(grad))).sum().backward();
+                let expected = values(scores.grad(&grads).context("no gradient for the scores")?);
+                Some(relative_error(&read(d_scores)?, &expected))
+            }
+            None => None,
+        };
+        Ok((output_error, gradient_error))
     }
 
     /// max |a − b| / max |b|.
@@ -223,6 +266,22 @@ mod gpu {
         diff / b.iter().map(|y| y.abs()).fold(f64::MIN_POSITIVE, f64::max)
     }
 
+    /// The scores (3·randn) and an output gradient (randn) of a shape, the same every run.
+    fn random_inputs(rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut normal = |scale: f32| -> Vec<f32> {
+            use rand::Rng;
+            (0..rows * cols)
+                .map(|_| {
+                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+                    scale * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+                })
+                .collect()
+        };
+        let scores = normal(3.0);
+        (scores, normal(1.0))
+    }
+
     fn measure<F: CubeElement + Float>(
         client: &ComputeClient<Gpu>,
         args: &CdArgs,
@@ -233,17 +292,7 @@ mod gpu {
     where
         f32: From<F>,
     {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let normal = |rng: &mut ChaCha8Rng, scale: f32| -> Vec<f32> {
-            use rand::Rng;
-            (0..rows * cols)
-                .map(|_| {
-                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-                    scale * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-                })
-                .collect()
-        };
-        let (scores_host, grad_host) = (normal(&mut rng, 3.0), normal(&mut rng, 1.0));
+        let (scores_host, grad_host) = random_inputs(rows, cols);
         let scores = upload::<F>(client, &scores_host);
         let grad = upload::<F>(client, &grad_host);
         let k = upload::<F>(client, &vec![cols as f32 / 8.0; rows]);
@@ -273,18 +322,59 @@ mod gpu {
         let extra = bytes_in_use(client)?.saturating_sub(before);
         let (output_error, gradient_error) = errors::<F>(
             client,
-            [&scores_host, &grad_host],
-            [output, gradients.0],
+            (&scores_host, output),
+            Some((&grad_host, gradients.0)),
             cols,
-            iters,
+            &router_config(iters),
         )?;
         drop(thresholds);
         let mib = |bytes: f64| bytes / (1 << 20) as f64;
         Ok(format!(
-            "{forward_ms:.3} | {both_ms:.3} | {:.1} | {:.2} | {:.2e} | {output_error:.1e} / {gradient_error:.1e}",
+            "{forward_ms:.3} | {both_ms:.3} | {:.1} | {:.2} | {:.2e} | {output_error:.1e} / {:.1e}",
             mib(extra as f64),
             mib((rows * iters * 4) as f64),
-            (rows * cols * iters) as f64 / (forward_ms * 1e-3)
+            (rows * cols * iters) as f64 / (forward_ms * 1e-3),
+            gradient_error.unwrap_or(f64::NAN),
         ))
+    }
+
+    /// The converged solver's kernel on one shape: the most passes any row took, the median
+    /// milliseconds per call and the output's error.
+    fn measure_converged<F: CubeElement + Float>(
+        client: &ComputeClient<Gpu>,
+        args: &CdArgs,
+        rows: usize,
+        cols: usize,
+    ) -> Result<String>
+    where
+        f32: From<F>,
+    {
+        let (scores_host, _) = random_inputs(rows, cols);
+        let scores = upload::<F>(client, &scores_host);
+        let k = upload::<F>(client, &vec![cols as f32 / 8.0; rows]);
+        let inputs = Inputs {
+            scores: &scores,
+            k: &k,
+            mask: None,
+            shape: Rows { rows, n: cols },
+        };
+        let solve = || colt5_kernels::converged::<Gpu, F, u8>(client, &inputs, CONVERGENCE);
+        let ms = median_ms(client, args.runs, || {
+            solve()?;
+            Ok(())
+        })?;
+        let (output, _, passes) = solve()?;
+        let passes = client
+            .read_one(passes)
+            .map_err(|e| anyhow::anyhow!("reading the passes back: {e:?}"))?;
+        let most = u32::from_bytes(&passes).iter().copied().max().unwrap_or(0);
+        let (output_error, _) = errors::<F>(
+            client,
+            (&scores_host, output),
+            None,
+            cols,
+            &converged_config(),
+        )?;
+        Ok(format!("{most} | {ms:.3} | {output_error:.1e}"))
     }
 }
