@@ -232,12 +232,10 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             n,
             layout,
             mask,
-            mask_len,
             exchange,
-            exchange_len,
         },
         schedule_handle,
-    ) = Launch::iterative::<R, M>(client, inputs, schedule, steps + 1, FORWARD_RESIDENT)?;
+    ) = Launch::<R>::iterative::<M>(client, inputs, schedule, steps + 1, FORWARD_RESIDENT)?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -247,11 +245,11 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             layout.cube_dim(),
             ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
             ArrayArg::from_raw_parts(inputs.k.clone(), rows),
-            ArrayArg::from_raw_parts(mask, mask_len),
+            mask,
             ArrayArg::from_raw_parts(schedule_handle, steps + 1),
             ArrayArg::from_raw_parts(output.clone(), rows * n),
             ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
-            ArrayArg::from_raw_parts(exchange, exchange_len),
+            exchange,
             rows as u32,
             n as u32,
             steps as u32,
@@ -280,12 +278,10 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             n,
             layout,
             mask,
-            mask_len,
             exchange,
-            exchange_len,
         },
         schedule_handle,
-    ) = Launch::iterative::<R, M>(client, inputs, schedule, 2 * steps, BACKWARD_RESIDENT)?;
+    ) = Launch::<R>::iterative::<M>(client, inputs, schedule, 2 * steps, BACKWARD_RESIDENT)?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -295,13 +291,13 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             layout.cube_dim(),
             ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
             ArrayArg::from_raw_parts(inputs.k.clone(), rows),
-            ArrayArg::from_raw_parts(mask, mask_len),
+            mask,
             ArrayArg::from_raw_parts(schedule_handle, steps + 1),
             ArrayArg::from_raw_parts(thresholds.clone(), rows * steps),
             ArrayArg::from_raw_parts(grad.clone(), rows * n),
             ArrayArg::from_raw_parts(d_scores.clone(), rows * n),
             ArrayArg::from_raw_parts(d_k.clone(), rows),
-            ArrayArg::from_raw_parts(exchange, exchange_len),
+            exchange,
             rows as u32,
             n as u32,
             steps as u32,
@@ -336,10 +332,8 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
         n,
         layout,
         mask,
-        mask_len,
         exchange,
-        exchange_len,
-    } = Launch::new::<R, M>(
+    } = Launch::<R>::new::<M>(
         client,
         inputs,
         2 * convergence.max_passes as usize + 3,
@@ -357,11 +351,11 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             layout.cube_dim(),
             ArrayArg::from_raw_parts(inputs.scores.clone(), rows * n),
             ArrayArg::from_raw_parts(inputs.k.clone(), rows),
-            ArrayArg::from_raw_parts(mask, mask_len),
+            mask,
             ArrayArg::from_raw_parts(output.clone(), rows * n),
             ArrayArg::from_raw_parts(thresholds.clone(), rows),
             ArrayArg::from_raw_parts(passes.clone(), rows),
-            ArrayArg::from_raw_parts(exchange, exchange_len),
+            exchange,
             rows as u32,
             n as u32,
             convergence.eps,
@@ -374,28 +368,26 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     Ok((output, thresholds, passes))
 }
 
-/// What the kernels' launches share: the checked shape, the layout, the mask's handle (or a
+/// What the kernels' launches share: the checked shape, the layout, the mask (or a
 /// one-element placeholder the kernels never read) and the cleared exchange words of split
-/// rows (a placeholder when no row is split).
-struct Launch {
+/// rows (a one-word placeholder when no row is split), as kernel arguments.
+struct Launch<R: Runtime> {
     rows: usize,
     n: usize,
     layout: Layout,
-    mask: Handle,
-    mask_len: usize,
-    exchange: Handle,
-    exchange_len: usize,
+    mask: ArrayArg<R>,
+    exchange: ArrayArg<R>,
 }
 
-impl Launch {
+impl<R: Runtime> Launch<R> {
     /// A launch whose kernel combines a split row's sums in at most `slots` exchange slots.
-    fn new<R: Runtime, M: Int + CubeElement>(
+    fn new<M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
         slots: usize,
         steps: usize,
         resident: usize,
-    ) -> Result<Launch, LaunchError> {
+    ) -> Result<Launch<R>, LaunchError> {
         let Rows { rows, n } = inputs.shape;
         if rows == 0 || n == 0 {
             return Err(LaunchError::Empty(inputs.shape));
@@ -422,31 +414,36 @@ impl Launch {
                 );
             }
         }
+        // The lengths are those of the buffers just allocated or given.
+        let (mask, exchange) = unsafe {
+            (
+                ArrayArg::from_raw_parts(mask, mask_len),
+                ArrayArg::from_raw_parts(exchange, exchange_len),
+            )
+        };
         Ok(Launch {
             rows,
             n,
             layout,
             mask,
-            mask_len,
             exchange,
-            exchange_len,
         })
     }
 
     /// A launch of the iterative solver's kernels (exchange slots: the forward's steps + 1
     /// or the backward's 2 · steps), with the schedule checked and uploaded.
-    fn iterative<R: Runtime, M: Int + CubeElement>(
+    fn iterative<M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
         schedule: &Schedule,
         slots: usize,
         resident: usize,
-    ) -> Result<(Launch, Handle), LaunchError> {
+    ) -> Result<(Launch<R>, Handle), LaunchError> {
         let steps = schedule.steps();
         if steps == 0 || steps > MAX_STEPS {
             return Err(LaunchError::Steps(steps));
         }
-        let launch = Launch::new::<R, M>(client, inputs, slots, steps, resident)?;
+        let launch = Launch::new::<M>(client, inputs, slots, steps, resident)?;
         Ok((launch, client.create_from_slice(f32::as_bytes(&schedule.0))))
     }
 }
