@@ -26,13 +26,17 @@ const MASKED_SCORE: f32 = -1.0e30;
 /// shift and the inverse temperature.
 pub(crate) const COEFFICIENTS_PER_STEP: u32 = 4;
 
-/// Words of `partials` one combination uses: two per plane, for 32 planes.
-const PARTIALS: usize = 64;
+/// Values one combination may carry.
+const MAX_VALUES: u32 = 4;
+
+/// Words of `partials` one combination uses: [`MAX_VALUES`] per plane, for 32 planes.
+const PARTIALS: usize = 128;
 
 /// Where the units of a row combine their partial results: `partials` in shared memory for
-/// the planes of a cube (two words per plane), and `exchange` in global memory for the cubes
-/// of a row split across several (see [`Reducer::across_cubes`]). Every combination of a
-/// split row takes its own exchange slot (two for a pair), numbered by the kernel.
+/// the planes of a cube ([`MAX_VALUES`] words per plane), and `exchange` in global memory for
+/// the cubes of a row split across several (see [`Reducer::across_cubes`]). Every
+/// combination of a split row takes its own exchange slots (one per value), numbered by the
+/// kernel.
 ///
 /// Successive combinations in shared memory alternate between two halves of `partials`, so
 /// each needs one barrier: a half is written again two combinations later, after the
@@ -70,111 +74,192 @@ impl Reducer {
         #[comptime] layout: KernelLayout,
         #[comptime] values: u32,
     ) -> (f32, f32) {
-        let mut first_total = plane_sum(first);
-        let mut second_total = 0.0f32;
-        if comptime![values > 1] {
-            second_total = plane_sum(second);
-        }
-        if comptime![layout.planes > 1] {
-            let start = self.next_half();
-            if UNIT_POS_PLANE == 0 {
-                self.partials[start + 2 * PLANE_POS as usize] = first_total;
-                if comptime![values > 1] {
-                    self.partials[start + 2 * PLANE_POS as usize + 1] = second_total;
-                }
-            }
-            sync_cube();
-            first_total = 0.0;
-            second_total = 0.0;
-            for i in 0..layout.planes {
-                first_total += self.partials[start + 2 * i as usize];
-                if comptime![values > 1] {
-                    second_total += self.partials[start + 2 * i as usize + 1];
-                }
-            }
-        }
-        if comptime![layout.splits > 1] {
-            let (first_row, second_row) =
-                self.across_cubes(first_total, second_total, slot, layout, values, false);
-            first_total = first_row;
-            second_total = second_row;
-        }
-        (first_total, second_total)
+        let mut both = Array::<f32>::new(2usize);
+        both[0] = first;
+        both[1] = second;
+        self.combine(&mut both, slot, layout, values, false, false);
+        (both[0], both[1])
     }
 
     /// Maximum over the units of a row.
     fn max(&mut self, value: f32, slot: usize, #[comptime] layout: KernelLayout) -> f32 {
-        let mut best = plane_max(value);
+        let mut best = Array::<f32>::new(1usize);
+        best[0] = value;
+        self.combine(&mut best, slot, layout, 1u32, true, false);
+        best[0]
+    }
+
+    /// Combines the first `count` of `values` over the units of a row in place: their sums
+    /// (or, when `maximum`, the maximum of the first). With `prefix`, also returns the sum of
+    /// the first value over the units before this one (planes, then cubes, in order).
+    fn combine(
+        &mut self,
+        values: &mut Array<f32>,
+        slot: usize,
+        #[comptime] layout: KernelLayout,
+        #[comptime] count: u32,
+        #[comptime] maximum: bool,
+        #[comptime] prefix: bool,
+    ) -> f32 {
+        let mut before = 0.0f32;
+        if comptime![prefix] {
+            before = plane_exclusive_sum(values[0]);
+        }
+        #[unroll]
+        for v in 0..count {
+            values[v as usize] = if comptime![maximum] {
+                plane_max(values[v as usize])
+            } else {
+                plane_sum(values[v as usize])
+            };
+        }
         if comptime![layout.planes > 1] {
             let start = self.next_half();
+            let words = MAX_VALUES as usize;
             if UNIT_POS_PLANE == 0 {
-                self.partials[start + 2 * PLANE_POS as usize] = best;
+                #[unroll]
+                for v in 0..count {
+                    self.partials[start + words * PLANE_POS as usize + v as usize] =
+                        values[v as usize];
+                }
             }
             sync_cube();
+            #[unroll]
+            for v in 0..count {
+                values[v as usize] = select(maximum, f32::new(MASKED_SCORE), 0.0);
+            }
             for i in 0..layout.planes {
-                best = f32::max(best, self.partials[start + 2 * i as usize]);
+                #[unroll]
+                for v in 0..count {
+                    let part = self.partials[start + words * i as usize + v as usize];
+                    values[v as usize] = if comptime![maximum] {
+                        f32::max(values[v as usize], part)
+                    } else {
+                        values[v as usize] + part
+                    };
+                }
+                if comptime![prefix] {
+                    if i < PLANE_POS {
+                        before += self.partials[start + words * i as usize];
+                    }
+                }
             }
         }
         if comptime![layout.splits > 1] {
-            let (row_best, _) = self.across_cubes(best, 0.0, slot, layout, 1u32, true);
-            best = row_best;
+            before += self.across_cubes(values, slot, layout, count, maximum, prefix);
         }
-        best
+        before
     }
 
-    /// Combines one or two values (each the same in every unit of the cube) over the cubes of
-    /// a row split across `layout.splits` cubes, one row to a cube. Each cube posts its values
-    /// to `exchange` (slot-major: word `slot · cubes + cube`), then lanes of its first plane
-    /// wait for the words of the row's other cubes and combine them in one fixed order, so
-    /// that every cube of the row gets the same bits. Words are posted bit-inverted: 0, the
-    /// cleared state, would be a NaN's, which is never posted. The cubes of a row must run
-    /// at the same time: the launch keeps the grid within what the device holds at once.
+    /// Combines the first `count` of `values` (each the same in every unit of the cube) over
+    /// the cubes of a row split across `layout.splits` cubes, one row to a cube, and returns
+    /// the sum of the first over the row's cubes before this one when `prefix`. Each cube
+    /// posts its values to `exchange` (slot-major: word `slot · cubes + cube`, value v in
+    /// slot + v), then lanes of its first plane wait for the words of the row's other cubes
+    /// and combine them in one fixed order, so that every cube of the row gets the same
+    /// bits. Words are posted bit-inverted: 0, the cleared state, would be a NaN's, which is
+    /// never posted. The cubes of a row must run at the same time: the launch keeps the grid
+    /// within what the device holds at once.
     fn across_cubes(
         &mut self,
-        first: f32,
-        second: f32,
+        values: &mut Array<f32>,
         slot: usize,
         #[comptime] layout: KernelLayout,
-        #[comptime] values: u32,
+        #[comptime] count: u32,
         #[comptime] maximum: bool,
-    ) -> (f32, f32) {
+        #[comptime] prefix: bool,
+    ) -> f32 {
         let splits = comptime![layout.splits as usize];
         let start = self.next_half();
         let cubes = CUBE_COUNT;
         let cube = cube_index();
+        let first_cube = cube - cube % splits;
         let unit = UNIT_POS_X as usize;
         if unit == 0 {
-            self.exchange[slot * cubes + cube].store(u32::reinterpret(first) ^ u32::MAX);
-            if comptime![values > 1] {
-                self.exchange[(slot + 1) * cubes + cube].store(u32::reinterpret(second) ^ u32::MAX);
+            #[unroll]
+            for v in 0..count {
+                self.exchange[(slot + v as usize) * cubes + cube]
+                    .store(u32::reinterpret(values[v as usize]) ^ u32::MAX);
             }
-        }
-        let mut posted = select(maximum, f32::new(MASKED_SCORE), 0.0);
-        if unit < comptime![splits * values as usize] {
-            let at = (slot + unit / splits) * cubes + cube - cube % splits + unit % splits;
-            let mut word = 0u32;
-            while word == 0 {
-                word = self.exchange[at].load();
-            }
-            posted = f32::reinterpret(word ^ u32::MAX);
         }
         if PLANE_POS == 0 {
-            let first_total = if comptime![maximum] {
-                plane_max(posted)
-            } else {
-                plane_sum(select(unit < splits, posted, 0.0))
-            };
-            let mut second_total = 0.0f32;
-            if comptime![values > 1] {
-                second_total = plane_sum(select(unit >= splits, posted, 0.0));
+            // Lane l reads words l, l + plane, …: value word / splits of cube word % splits.
+            let mut own = Array::<f32>::new(comptime![MAX_VALUES as usize]);
+            #[unroll]
+            for v in 0..count {
+                own[v as usize] = select(maximum, f32::new(MASKED_SCORE), 0.0);
             }
-            if unit == 0 {
-                self.partials[start] = first_total;
-                self.partials[start + 1] = second_total;
+            let mut earlier = 0.0f32;
+            let mut word = unit;
+            while word < splits * count as usize {
+                let value = word / splits;
+                let at = (slot + value) * cubes + first_cube + word % splits;
+                let mut bits = 0u32;
+                while bits == 0 {
+                    bits = self.exchange[at].load();
+                }
+                let posted = f32::reinterpret(bits ^ u32::MAX);
+                #[unroll]
+                for v in 0..count {
+                    if value == v as usize {
+                        own[v as usize] = if comptime![maximum] {
+                            f32::max(own[v as usize], posted)
+                        } else {
+                            own[v as usize] + posted
+                        };
+                    }
+                }
+                if comptime![prefix] {
+                    if value == 0 && word < cube % splits {
+                        earlier += posted;
+                    }
+                }
+                word += PLANE_DIM as usize;
+            }
+            #[unroll]
+            for v in 0..count {
+                let total = if comptime![maximum] {
+                    plane_max(own[v as usize])
+                } else {
+                    plane_sum(own[v as usize])
+                };
+                if unit == 0 {
+                    self.partials[start + v as usize] = total;
+                }
+            }
+            if comptime![prefix] {
+                let total_earlier = plane_sum(earlier);
+                if unit == 0 {
+                    self.partials[start + MAX_VALUES as usize] = total_earlier;
+                }
             }
         }
         sync_cube();
-        (self.partials[start], self.partials[start + 1])
+        #[unroll]
+        for v in 0..count {
+            values[v as usize] = self.partials[start + v as usize];
+        }
+        let mut earlier = 0.0f32;
+        if comptime![prefix] {
+            earlier = self.partials[start + MAX_VALUES as usize];
+        }
+        earlier
+    }
+
+    /// Three values from unit 0 of the cube, in every unit.
+    fn broadcast_first_unit(&mut self, first: f32, second: f32, third: f32) -> (f32, f32, f32) {
+        let start = self.next_half();
+        if UNIT_POS == 0 {
+            self.partials[start] = first;
+            self.partials[start + 1] = second;
+            self.partials[start + 2] = third;
+        }
+        sync_cube();
+        (
+            self.partials[start],
+            self.partials[start + 1],
+            self.partials[start + 2],
+        )
     }
 }
 
@@ -486,6 +571,216 @@ fn weighting(
     result
 }
 
+/// Entries a band holds at most (see [`Band`]).
+pub(crate) const BAND_CAPACITY: u32 = 1024;
+
+/// Bands a forward launch may try to gather per row.
+pub(crate) const FORWARD_BANDS: u32 = 4;
+
+/// Exchange words a split row's band takes in the forward (per band) and in the backward
+/// (weights, then scores).
+pub(crate) const FORWARD_BAND_WORDS: u32 = FORWARD_BANDS * BAND_CAPACITY;
+/// See [`FORWARD_BAND_WORDS`].
+pub(crate) const BACKWARD_BAND_WORDS: u32 = 2 * BAND_CAPACITY;
+
+/// Room left around a forward band for the rounding of the thresholds, relative to
+/// 1 + |ceiling|.
+const BAND_SLACK: f32 = 1.0e-5;
+
+/// Larger than any band's reach.
+const NO_LIMIT: f32 = 3.0e38;
+
+/// The entries of a row whose scores lie in (lo, hi], gathered into shared memory: while an
+/// update's ceiling c stays in [lo, hi] at the anchored output temperature, every other
+/// entry's weight is known without reading it — its anchored weight below the band
+/// (s ≤ lo ≤ c), the update's bound above it (s > hi ≥ c) — so one plane runs the update
+/// from the band alone, with no barrier. At the output temperature eps the update is
+/// a ↦ F(a) = eps(ln k − LSE_j(min(s_j, −a)/eps)) with 0 ≤ F′ ≤ 1, so the ceilings −a_t
+/// move monotonically by steps that never grow: after an update at that temperature, the
+/// ceilings still to come lie within m steps of the last one, m being the updates left.
+#[derive(CubeType)]
+struct Band {
+    lo: f32,
+    hi: f32,
+    /// Entries gathered; more than [`BAND_CAPACITY`] when they did not fit (none are).
+    size: u32,
+    /// Valid entries above the band.
+    above: f32,
+    /// Σ of the anchored weights of the entries below it.
+    below: f32,
+}
+
+/// Gathers the row's band (lo, hi] from the anchored `weights` into `band`: the weights, and
+/// with `with_scores` the scores after them (at [`BAND_CAPACITY`]). The entries keep the
+/// row's order of units (planes, then the cubes of a split row, which post theirs to the
+/// exchange words from `region` and read back the whole band), so that every cube of a row
+/// sums them in the same order.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gather_band(
+    share: &Share,
+    weights: &Array<f32>,
+    band: &mut SharedMemory<f32>,
+    reducer: &mut Reducer,
+    lo: f32,
+    hi: f32,
+    slot: usize,
+    region: usize,
+    #[comptime] layout: KernelLayout,
+    #[comptime] with_scores: bool,
+) -> Band {
+    let capacity = BAND_CAPACITY as usize;
+    let mut counts = Array::<f32>::new(3usize);
+    counts[0] = 0.0;
+    counts[1] = 0.0;
+    counts[2] = 0.0;
+    #[unroll]
+    for i in 0..layout.per_unit {
+        let s = share.resident[i as usize];
+        let live = i < share.live;
+        let inside = live && s > lo && s <= hi;
+        let over = live && s > hi;
+        counts[0] += select(inside, 1.0, 0.0);
+        counts[1] += select(over, 1.0, 0.0);
+        counts[2] += select(inside || over, 0.0, weights[i as usize]);
+    }
+    let offset = reducer.combine(&mut counts, slot, layout, 3u32, false, true);
+    let size = u32::cast_from(counts[0]);
+    if size <= BAND_CAPACITY {
+        let mut at = u32::cast_from(offset) as usize;
+        #[unroll]
+        for i in 0..layout.per_unit {
+            let s = share.resident[i as usize];
+            if i < share.live && s > lo && s <= hi {
+                if comptime![layout.splits > 1] {
+                    reducer.exchange[region + at]
+                        .store(u32::reinterpret(weights[i as usize]) ^ u32::MAX);
+                    if comptime![with_scores] {
+                        reducer.exchange[region + capacity + at]
+                            .store(u32::reinterpret(s) ^ u32::MAX);
+                    }
+                } else {
+                    band[at] = weights[i as usize];
+                    if comptime![with_scores] {
+                        band[capacity + at] = s;
+                    }
+                }
+                at += 1;
+            }
+        }
+        if comptime![layout.splits > 1] {
+            let mut b = UNIT_POS_X as usize;
+            while b < size as usize {
+                band[b] = polled(&reducer.exchange, region + b);
+                if comptime![with_scores] {
+                    band[capacity + b] = polled(&reducer.exchange, region + capacity + b);
+                }
+                b += CUBE_DIM_X as usize;
+            }
+        }
+        sync_cube();
+    }
+    Band {
+        lo,
+        hi,
+        size,
+        above: counts[1],
+        below: counts[2],
+    }
+}
+
+/// The value posted (bit-inverted) to exchange word `at`, once it has been.
+#[cube]
+fn polled(exchange: &Array<Atomic<u32>>, at: usize) -> f32 {
+    let mut bits = 0u32;
+    while bits == 0 {
+        bits = exchange[at].load();
+    }
+    f32::reinterpret(bits ^ u32::MAX)
+}
+
+/// Over the row, from the band (in one plane): Σ_j min(w_j, bound), and the part from the
+/// entries above `ceiling` (with `with_above`; else 0), which are at the bound.
+#[cube]
+fn band_sums(
+    band: &SharedMemory<f32>,
+    found: &Band,
+    bound: f32,
+    ceiling: f32,
+    #[comptime] with_above: bool,
+) -> (f32, f32) {
+    let mut total = 0.0f32;
+    let mut over = 0.0f32;
+    let mut b = UNIT_POS_PLANE as usize;
+    while b < found.size as usize {
+        total += f32::min(band[b], bound);
+        if comptime![with_above] {
+            over += select(band[BAND_CAPACITY as usize + b] > ceiling, 1.0, 0.0);
+        }
+        b += PLANE_DIM as usize;
+    }
+    let mut above = 0.0f32;
+    if comptime![with_above] {
+        above = (plane_sum(over) + found.above) * bound;
+    }
+    (plane_sum(total) + found.above * bound + found.below, above)
+}
+
+/// The first exchange word of the row's band region: the regions of all rows, `words` each,
+/// end the exchange words.
+#[cube]
+fn band_region(
+    exchange: &Array<Atomic<u32>>,
+    rows: u32,
+    row: usize,
+    #[comptime] words: u32,
+) -> usize {
+    exchange.len() - (rows as usize - row) * words as usize
+}
+
+/// The forward's updates from `t` on, run by the first plane of the cube from the band while
+/// the ceiling −a stays in it and within the anchor's margin: returns the last threshold
+/// and the next update (other planes return their arguments).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn banded_updates(
+    band: &SharedMemory<f32>,
+    found: &Band,
+    anchor: &Anchor,
+    thresholds: &mut Array<f32>,
+    schedule: &Array<f32>,
+    a: f32,
+    t: usize,
+    row: usize,
+    lane: usize,
+    steps: usize,
+    log_k: f32,
+    row_max: f32,
+) -> (f32, usize) {
+    let mut a = a;
+    let mut t = t;
+    if PLANE_POS == 0 {
+        let mut inside = true;
+        while t < steps && inside {
+            let ceiling = -a;
+            inside = ceiling >= found.lo
+                && ceiling <= found.hi
+                && f32::abs(f32::min(row_max, ceiling) - anchor.anchor) <= anchor.margin;
+            if inside {
+                let bound =
+                    f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
+                let (total, _) = band_sums(band, found, bound, ceiling, false);
+                a = schedule[t] * (log_k - f32::ln(total)) - anchor.anchor;
+                if lane == 0 {
+                    thresholds[row * steps + t] = a;
+                }
+                t += 1;
+            }
+        }
+    }
+    (a, t)
+}
+
 /// How a launch maps rows onto units, fixed when the kernel is compiled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelLayout {
@@ -502,6 +797,15 @@ pub struct KernelLayout {
     pub splits: u32,
     /// Capacity of the backward's per-iteration coefficients (streamed rows only).
     pub max_steps: u32,
+}
+
+impl KernelLayout {
+    /// Whether updates at the output temperature run from a [`Band`]: rows of a cube or
+    /// more (shorter rows combine within a plane, with no barrier to save), held in
+    /// registers.
+    pub fn banded(&self) -> bool {
+        self.planes > 1 && !self.streamed
+    }
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
@@ -543,13 +847,26 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let inv_eps_out = 1.0 / schedule[steps];
     let mut anchor = unset_anchor(inv_eps_out);
-    for t in 1..steps {
+    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded() {
+        BAND_CAPACITY as usize
+    } else {
+        1usize
+    }]);
+    let mut region = 0usize;
+    if comptime![layout.banded() && layout.splits > 1] {
+        region = band_region(&reducer.exchange, rows, row, FORWARD_BAND_WORDS);
+    }
+    let mut bands = 0u32;
+    let mut reach_limit = f32::new(NO_LIMIT);
+    let mut t = 1usize;
+    while t < steps {
         let eps = schedule[t];
+        let ceiling = -a;
         let weighting = weighting(
             &share,
             &mut weights,
             &mut anchor,
-            -a,
+            ceiling,
             row_max,
             1.0 / eps,
             t >= steady as usize,
@@ -570,6 +887,43 @@ pub fn coor_descent_forward<F: Float, M: Int>(
         a = eps * (log_k - f32::ln(total)) - weighting.reference;
         if lane == 0 {
             thresholds[row * steps + t] = a;
+        }
+        t += 1;
+        // After an update at the output temperature, run the next ones from a band while
+        // two or more are left.
+        if comptime![layout.banded()] {
+            if t > steady as usize && t + 1 < steps && bands < FORWARD_BANDS {
+                let next = -a;
+                let step = next - ceiling;
+                let moves = f32::cast_from((steps - 1 - t) as u32);
+                let reach = f32::min(f32::abs(step) * moves, reach_limit);
+                let slack = BAND_SLACK * (1.0 + f32::abs(next));
+                let found = gather_band(
+                    &share,
+                    &weights,
+                    &mut band,
+                    &mut reducer,
+                    select(step > 0.0, next - slack, next - reach - slack),
+                    select(step > 0.0, next + reach + slack, next + slack),
+                    steps + 1 + 3 * bands as usize,
+                    region + (bands * BAND_CAPACITY) as usize,
+                    layout,
+                    false,
+                );
+                bands += 1;
+                if found.size <= BAND_CAPACITY {
+                    let (band_a, band_t) = banded_updates(
+                        &band, &found, &anchor, thresholds, schedule, a, t, row, lane, steps,
+                        log_k, row_max,
+                    );
+                    let (shared_a, shared_t, _) =
+                        reducer.broadcast_first_unit(band_a, f32::cast_from(band_t as u32), 0.0);
+                    a = shared_a;
+                    t = u32::cast_from(shared_t) as usize;
+                } else {
+                    reach_limit = 0.25 * reach;
+                }
+            }
         }
     }
     write_output::<F, M>(&share, scores, mask, output, a, inv_eps_out, layout, masked);
@@ -657,6 +1011,17 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     } else {
         1usize
     }]);
+    // The band's weights and scores, and each update's coefficient (banded layouts only).
+    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded() {
+        2 * BAND_CAPACITY as usize
+    } else {
+        1usize
+    }]);
+    let mut band_coefficients = SharedMemory::<f32>::new(comptime![if layout.banded() {
+        layout.max_steps as usize
+    } else {
+        1usize
+    }]);
     let (row, lane) = row_and_lane(layout);
     // Rows past the end still reach the barriers: they only skip the memory writes.
     let active = row < rows as usize;
@@ -701,6 +1066,102 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     // p_j = weight_j / Z for the entries below the ceiling.
     let mut anchor = unset_anchor(inv_eps_out);
     let mut t = steps;
+    // The updates at the output temperature (0-based steady..T−1) from a band spanning
+    // their ceilings, when there are two or more.
+    if comptime![layout.banded()] {
+        if steady >= 1 && steps >= steady as usize + 2 {
+            let steady = steady as usize;
+            let at = row * steps;
+            let mut lowest = f32::new(NO_LIMIT);
+            let mut highest = -f32::new(NO_LIMIT);
+            let mut u = steady + UNIT_POS_PLANE as usize;
+            while u < steps {
+                let ceiling = -thresholds[at + u - 1];
+                lowest = f32::min(lowest, ceiling);
+                highest = f32::max(highest, ceiling);
+                u += PLANE_DIM as usize;
+            }
+            let lo = plane_min(lowest);
+            let hi = plane_max(highest);
+            // Anchors the weights at the first of these updates.
+            weighting(
+                &share,
+                &mut weights,
+                &mut anchor,
+                -thresholds[at + steps - 2],
+                row_max,
+                inv_eps_out,
+                true,
+                layout.per_unit,
+            );
+            let r = anchor.anchor;
+            if f32::abs(f32::min(row_max, lo) - r) <= anchor.margin
+                && f32::abs(f32::min(row_max, hi) - r) <= anchor.margin
+            {
+                let mut region = 0usize;
+                if comptime![layout.splits > 1] {
+                    region = band_region(&reducer.exchange, rows, row, BACKWARD_BAND_WORDS);
+                }
+                let found = gather_band(
+                    &share,
+                    &weights,
+                    &mut band,
+                    &mut reducer,
+                    lo,
+                    hi,
+                    2 * steps,
+                    region,
+                    layout,
+                    true,
+                );
+                if found.size <= BAND_CAPACITY {
+                    // The first plane runs the sweep's scalars, keeping each update's
+                    // coefficient ā_t/Z_t; below the band every update applies, so those
+                    // entries take their sum.
+                    let mut band_d_a = d_a;
+                    let mut band_d_log_k = d_log_k;
+                    let mut below_coefficient = 0.0f32;
+                    if PLANE_POS == 0 {
+                        let mut u = steps - 1;
+                        while u >= steady {
+                            let ceiling = -thresholds[at + u - 1];
+                            let bound =
+                                f32::exp(f32::min(ceiling - r, anchor.margin) * inv_eps_out);
+                            let (total, above) = band_sums(&band, &found, bound, ceiling, true);
+                            let coefficient = band_d_a / total;
+                            if UNIT_POS_PLANE == 0 {
+                                band_coefficients[u] = coefficient;
+                            }
+                            below_coefficient += coefficient;
+                            band_d_a *= above / total;
+                            band_d_log_k += band_d_a * schedule[u - 1];
+                            u -= 1;
+                        }
+                    }
+                    let (shared_d_a, shared_d_log_k, shared_below) =
+                        reducer.broadcast_first_unit(band_d_a, band_d_log_k, below_coefficient);
+                    d_a = shared_d_a;
+                    d_log_k = shared_d_log_k;
+                    #[unroll]
+                    for i in 0..layout.per_unit {
+                        let s = share.resident[i as usize];
+                        let mut coefficient = 0.0f32;
+                        if s <= lo {
+                            coefficient = shared_below;
+                        } else if s <= hi {
+                            for u in steady..steps {
+                                if s <= -thresholds[at + u - 1] {
+                                    coefficient += band_coefficients[u];
+                                }
+                            }
+                        }
+                        resident_grad[i as usize] -= coefficient * weights[i as usize];
+                    }
+                    t = steady;
+                }
+            }
+        }
+    }
     while t >= 2 {
         let eps = schedule[t - 1];
         let weighting = weighting(

@@ -23,7 +23,9 @@ mod kernels;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use kernels::{clear_words, COEFFICIENTS_PER_STEP};
+use kernels::{
+    clear_words, BACKWARD_BAND_WORDS, COEFFICIENTS_PER_STEP, FORWARD_BANDS, FORWARD_BAND_WORDS,
+};
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
 };
@@ -235,7 +237,16 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             exchange,
         },
         schedule_handle,
-    ) = Launch::<R>::iterative::<M>(client, inputs, schedule, steps + 1, FORWARD_RESIDENT)?;
+    ) = Launch::<R>::iterative::<M>(
+        client,
+        inputs,
+        schedule,
+        Exchange {
+            slots: steps + 1 + 3 * FORWARD_BANDS as usize,
+            band_words: FORWARD_BAND_WORDS as usize,
+        },
+        FORWARD_RESIDENT,
+    )?;
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
@@ -281,7 +292,16 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
             exchange,
         },
         schedule_handle,
-    ) = Launch::<R>::iterative::<M>(client, inputs, schedule, 2 * steps, BACKWARD_RESIDENT)?;
+    ) = Launch::<R>::iterative::<M>(
+        client,
+        inputs,
+        schedule,
+        Exchange {
+            slots: 2 * steps + 3,
+            band_words: BACKWARD_BAND_WORDS as usize,
+        },
+        BACKWARD_RESIDENT,
+    )?;
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
@@ -336,7 +356,10 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     } = Launch::<R>::new::<M>(
         client,
         inputs,
-        2 * convergence.max_passes as usize + 3,
+        Exchange {
+            slots: 2 * convergence.max_passes as usize + 3,
+            band_words: 0,
+        },
         // No per-iteration coefficients (the backward's alone keeps them): any step count.
         1,
         FORWARD_RESIDENT,
@@ -368,6 +391,13 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     Ok((output, thresholds, passes))
 }
 
+/// The exchange words a kernel uses for a split row: a word per cube in each of `slots`
+/// slots, then `band_words` per row when the layout is banded.
+struct Exchange {
+    slots: usize,
+    band_words: usize,
+}
+
 /// What the kernels' launches share: the checked shape, the layout, the mask (or a
 /// one-element placeholder the kernels never read) and the cleared exchange words of split
 /// rows (a one-word placeholder when no row is split), as kernel arguments.
@@ -380,11 +410,11 @@ struct Launch<R: Runtime> {
 }
 
 impl<R: Runtime> Launch<R> {
-    /// A launch whose kernel combines a split row's sums in at most `slots` exchange slots.
+    /// A launch whose kernel combines a split row's sums through `exchange`.
     fn new<M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
-        slots: usize,
+        exchange: Exchange,
         steps: usize,
         resident: usize,
     ) -> Result<Launch<R>, LaunchError> {
@@ -396,10 +426,11 @@ impl<R: Runtime> Launch<R> {
             Some(mask) => (mask.clone(), rows * n),
             None => (client.empty(M::type_size()), 1),
         };
-        let layout = Layout::new(client, inputs.shape, slots, steps, resident);
-        let exchange_len = match layout.kernel.splits {
-            1 => 1,
-            _ => slots * layout.cubes,
+        let layout = Layout::new(client, inputs.shape, exchange.slots, steps, resident);
+        let exchange_len = match (layout.kernel.splits, layout.kernel.banded()) {
+            (1, _) => 1,
+            (_, false) => exchange.slots * layout.cubes,
+            (_, true) => exchange.slots * layout.cubes + rows * exchange.band_words,
         };
         let exchange = client.empty(exchange_len * 4);
         if layout.kernel.splits > 1 {
@@ -430,20 +461,19 @@ impl<R: Runtime> Launch<R> {
         })
     }
 
-    /// A launch of the iterative solver's kernels (exchange slots: the forward's steps + 1
-    /// or the backward's 2 · steps), with the schedule checked and uploaded.
+    /// A launch of the iterative solver's kernels, with the schedule checked and uploaded.
     fn iterative<M: Int + CubeElement>(
         client: &ComputeClient<R>,
         inputs: &Inputs,
         schedule: &Schedule,
-        slots: usize,
+        exchange: Exchange,
         resident: usize,
     ) -> Result<(Launch<R>, Handle), LaunchError> {
         let steps = schedule.steps();
         if steps == 0 || steps > MAX_STEPS {
             return Err(LaunchError::Steps(steps));
         }
-        let launch = Launch::new::<M>(client, inputs, slots, steps, resident)?;
+        let launch = Launch::new::<M>(client, inputs, exchange, steps, resident)?;
         Ok((launch, client.create_from_slice(f32::as_bytes(&schedule.0))))
     }
 }

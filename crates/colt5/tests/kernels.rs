@@ -268,7 +268,12 @@ fn check(case: Case) {
 }
 
 fn router() -> CoorDescentConfig {
-    CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7)
+    router_iterations(20)
+}
+
+/// The router's schedule (eps 0.03 from 4, decay 0.7) over `n_iters` iterations.
+fn router_iterations(n_iters: usize) -> CoorDescentConfig {
+    CoorDescentConfig::iterations(n_iters, 0.03, Some(4.0), 0.7)
 }
 
 #[test]
@@ -344,6 +349,10 @@ fn kernels_are_accurate_at_small_eps_and_many_iterations() {
             false,
         ),
         (16, 16384, 2048.0, router(), false),
+        // The router's schedule with 35 updates at its final temperature, run from bands;
+        // the second splits each row into 4 cubes on a GPU.
+        (16, 16384, 2048.0, router_iterations(50), false),
+        (4, 40_001, 5000.0, router_iterations(50), true),
     ];
     for (index, (rows, n, k, config, masked)) in configs.into_iter().enumerate() {
         check(Case {
