@@ -797,15 +797,9 @@ pub struct KernelLayout {
     pub splits: u32,
     /// Capacity of the backward's per-iteration coefficients (streamed rows only).
     pub max_steps: u32,
-}
-
-impl KernelLayout {
-    /// Whether updates at the output temperature run from a [`Band`]: rows of a cube or
-    /// more (shorter rows combine within a plane, with no barrier to save), held in
-    /// registers.
-    pub fn banded(&self) -> bool {
-        self.planes > 1 && !self.streamed
-    }
+    /// Whether updates at the output temperature run from a [`Band`] (one row to a cube,
+    /// held in registers).
+    pub banded: bool,
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
@@ -847,13 +841,13 @@ pub fn coor_descent_forward<F: Float, M: Int>(
     }
     let inv_eps_out = 1.0 / schedule[steps];
     let mut anchor = unset_anchor(inv_eps_out);
-    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded() {
+    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded {
         BAND_CAPACITY as usize
     } else {
         1usize
     }]);
     let mut region = 0usize;
-    if comptime![layout.banded() && layout.splits > 1] {
+    if comptime![layout.banded && layout.splits > 1] {
         region = band_region(&reducer.exchange, rows, row, FORWARD_BAND_WORDS);
     }
     let mut bands = 0u32;
@@ -891,7 +885,7 @@ pub fn coor_descent_forward<F: Float, M: Int>(
         t += 1;
         // After an update at the output temperature, run the next ones from a band while
         // two or more are left.
-        if comptime![layout.banded()] {
+        if comptime![layout.banded] {
             if t > steady as usize && t + 1 < steps && bands < FORWARD_BANDS {
                 let next = -a;
                 let step = next - ceiling;
@@ -1012,12 +1006,12 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         1usize
     }]);
     // The band's weights and scores, and each update's coefficient (banded layouts only).
-    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded() {
+    let mut band = SharedMemory::<f32>::new(comptime![if layout.banded {
         2 * BAND_CAPACITY as usize
     } else {
         1usize
     }]);
-    let mut band_coefficients = SharedMemory::<f32>::new(comptime![if layout.banded() {
+    let mut band_coefficients = SharedMemory::<f32>::new(comptime![if layout.banded {
         layout.max_steps as usize
     } else {
         1usize
@@ -1068,7 +1062,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
     let mut t = steps;
     // The updates at the output temperature (0-based steady..T−1) from a band spanning
     // their ceilings, when there are two or more.
-    if comptime![layout.banded()] {
+    if comptime![layout.banded] {
         if steady >= 1 && steps >= steady as usize + 2 {
             let steady = steady as usize;
             let at = row * steps;

@@ -134,11 +134,12 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     diff / scale
 }
 
-/// Whether each entry lies within `margin` of one of its row's thresholds −a_t (computed
-/// here in f64 from the reference's update; the converged solver has one, its fixed point):
-/// the output is min(s, −a_t) inside the iterations, so its derivative with respect to s
-/// jumps there, and an f32 and an f64 computation whose thresholds differ by rounding may
-/// take different sides.
+/// Whether each entry lies within `margin` of one of its row's update thresholds −a_t,
+/// t < T (computed here in f64 from the reference's update; the converged solver has none):
+/// the updates take min(s, −a_t), so the derivative with respect to s jumps there, and an
+/// f32 and an f64 computation whose thresholds differ by rounding may take different sides.
+/// (The output's own threshold −a_T is handled by [`check`]: there an entry's output
+/// saturates at exactly 1 on one side.)
 fn near_a_kink(case: &Case, scores: &[f64], margin: f64) -> Vec<bool> {
     let temperatures = case.config.temperatures();
     let keep = case.masked.then(|| case.mask_values());
@@ -153,10 +154,11 @@ fn near_a_kink(case: &Case, scores: &[f64], margin: f64) -> Vec<bool> {
         if live.is_empty() {
             continue;
         }
-        let ceilings = match &temperatures {
-            Some(temperatures) => iterated_ceilings(&live, k[row], temperatures),
-            None => vec![fixed_point_ceiling(&live, k[row], case.config.eps)],
+        let Some(temperatures) = &temperatures else {
+            continue;
         };
+        let mut ceilings = iterated_ceilings(&live, k[row], temperatures);
+        ceilings.pop();
         for (j, &s) in row_scores.iter().enumerate() {
             near[row * case.n + j] = valid(j) && ceilings.iter().any(|c| (s - c).abs() < margin);
         }
@@ -183,24 +185,6 @@ fn iterated_ceilings(live: &[f64], k: f64, temperatures: &[f64]) -> Vec<f64> {
     ceilings
 }
 
-/// The ceiling −a of the fixed point Σ_j exp(min(s_j + a, 0)/eps) = k, by bisection.
-fn fixed_point_ceiling(live: &[f64], k: f64, eps: f64) -> f64 {
-    let row_max = live.iter().copied().fold(f64::MIN, f64::max);
-    let row_min = live.iter().copied().fold(f64::MAX, f64::min);
-    let target = k.min(live.len() as f64);
-    let total = |a: f64| -> f64 { live.iter().map(|&s| ((s + a).min(0.0) / eps).exp()).sum() };
-    let (mut lo, mut hi) = (eps * (k / live.len() as f64).ln() - row_max, -row_min);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if total(mid) > target {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    -hi
-}
-
 fn check(case: Case) {
     let gpu = case.run::<Autodiff<Gpu>>(&Default::default());
     let reference = case.run::<Reference>(&Default::default());
@@ -213,27 +197,52 @@ fn check(case: Case) {
         .scores
         .iter()
         .fold(1.0, |m: f64, s| m.max(s.abs()));
-    let near = near_a_kink(&case, &reference.scores, 1e-5 * max_score);
-    let left_out = near.iter().filter(|&&n| n).count();
+    // The f32 thresholds' errors grow with the updates that carry them (each passes its
+    // error on with a factor at most 1, near 1 at the final temperature): about 1e-5 of the
+    // scores' scale after 20 updates. The entries counted near them grow likewise.
+    let updates = match case.config.solver {
+        Solver::Iterations { n_iters, .. } => n_iters.max(20),
+        Solver::Converged { .. } => 20,
+    } as f64;
+    let near = near_a_kink(
+        &case,
+        &reference.scores,
+        1e-5 * (updates / 20.0).sqrt() * max_score,
+    );
+    let at_updates = near.iter().filter(|&&n| n).count();
     assert!(
-        left_out <= 8 * case.rows + near.len() / 1000,
-        "{left_out} of {} entries lie near a threshold",
+        at_updates as f64 <= (8 * case.rows + near.len() / 1000) as f64 * updates / 20.0,
+        "{at_updates} of {} entries lie near a threshold",
         near.len()
     );
-    let split = |values: &[f64], at_kinks: bool| -> Vec<f64> {
+    // An entry on opposite sides of the output's threshold −a_T in the two solves (the k-th
+    // largest score converges onto it) is saturated at exactly 1 in one of them and not in
+    // the other; its gradient then differs by g·y/eps, the whole scale, so it is not compared.
+    let flipped: Vec<bool> = gpu
+        .output
+        .iter()
+        .zip(&reference.output)
+        .map(|(&a, &b)| (a == 1.0) != (b == 1.0))
+        .collect();
+    let at_output = flipped.iter().filter(|&&f| f).count();
+    assert!(
+        at_output <= 8 * case.rows + near.len() / 1000,
+        "{at_output} entries on opposite sides of the output's threshold"
+    );
+    let only = |values: &[f64], at_kinks: bool| -> Vec<f64> {
         values
             .iter()
-            .zip(&near)
-            .map(|(&v, &n)| if n == at_kinks { v } else { 0.0 })
+            .zip(near.iter().zip(&flipped))
+            .map(|(&v, (&n, &f))| if n == at_kinks && !f { v } else { 0.0 })
             .collect()
     };
     let d_scores = relative_error(
-        &split(&gpu.d_scores, false),
-        &split(&reference.d_scores, false),
+        &only(&gpu.d_scores, false),
+        &only(&reference.d_scores, false),
     );
-    let kink_diff = split(&gpu.d_scores, true)
+    let kink_diff = only(&gpu.d_scores, true)
         .iter()
-        .zip(split(&reference.d_scores, true))
+        .zip(only(&reference.d_scores, true))
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
     let d_scores_at_kinks = kink_diff
@@ -242,7 +251,7 @@ fn check(case: Case) {
             .iter()
             .fold(1e-6, |m: f64, v| m.max(v.abs()));
     println!(
-        "{}×{} masked {} per-row k {} {:?} eps {eps}: output {output:.1e}, d_scores {d_scores:.1e} ({left_out} entries at a threshold: {d_scores_at_kinks:.1e})",
+        "{}×{} masked {} per-row k {} {:?} eps {eps}: output {output:.1e}, d_scores {d_scores:.1e} ({at_updates} entries at an update's threshold: {d_scores_at_kinks:.1e}; {at_output} across the output's, not compared)",
         case.rows, case.n, case.masked, case.per_row_k, case.config.solver
     );
     assert!(
