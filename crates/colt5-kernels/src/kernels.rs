@@ -797,8 +797,8 @@ pub struct KernelLayout {
     pub splits: u32,
     /// Capacity of the backward's per-iteration coefficients (streamed rows only).
     pub max_steps: u32,
-    /// Whether updates at the output temperature run from a [`Band`] (one row to a cube,
-    /// held in registers).
+    /// Whether updates at the output temperature run from a band of the entries near the
+    /// thresholds still to come (one row to a cube, held in registers).
     pub banded: bool,
 }
 

@@ -15,7 +15,9 @@
 //! occupy the device's multiprocessors, long rows are split across several cubes, which
 //! combine their sums through words in global memory. Updates at the schedule's final
 //! temperature use anchored weights (no exp per entry and iteration; see
-//! [`Schedule::steady`]). This crate depends only on CubeCL: `colt5` wires it into burn's
+//! [`Schedule::steady`]), and when they are many, in launches of one cube per
+//! multiprocessor, run in one plane from the band of entries near the thresholds still to
+//! come, with no barrier per update. This crate depends only on CubeCL: `colt5` wires it into burn's
 //! CubeCL backends.
 
 mod kernels;
