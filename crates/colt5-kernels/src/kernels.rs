@@ -107,11 +107,7 @@ impl Reducer {
         }
         #[unroll]
         for v in 0..count {
-            values[v as usize] = if comptime![maximum] {
-                plane_max(values[v as usize])
-            } else {
-                plane_sum(values[v as usize])
-            };
+            values[v as usize] = plane_fold(values[v as usize], maximum);
         }
         if comptime![layout.planes > 1] {
             let start = self.next_half();
@@ -132,11 +128,7 @@ impl Reducer {
                 #[unroll]
                 for v in 0..count {
                     let part = self.partials[start + words * i as usize + v as usize];
-                    values[v as usize] = if comptime![maximum] {
-                        f32::max(values[v as usize], part)
-                    } else {
-                        values[v as usize] + part
-                    };
+                    values[v as usize] = fold(values[v as usize], part, maximum);
                 }
                 if comptime![prefix] {
                     if i < PLANE_POS {
@@ -194,19 +186,11 @@ impl Reducer {
             while word < splits * count as usize {
                 let value = word / splits;
                 let at = (slot + value) * cubes + first_cube + word % splits;
-                let mut bits = 0u32;
-                while bits == 0 {
-                    bits = self.exchange[at].load();
-                }
-                let posted = f32::reinterpret(bits ^ u32::MAX);
+                let posted = polled(&self.exchange, at);
                 #[unroll]
                 for v in 0..count {
                     if value == v as usize {
-                        own[v as usize] = if comptime![maximum] {
-                            f32::max(own[v as usize], posted)
-                        } else {
-                            own[v as usize] + posted
-                        };
+                        own[v as usize] = fold(own[v as usize], posted, maximum);
                     }
                 }
                 if comptime![prefix] {
@@ -218,11 +202,7 @@ impl Reducer {
             }
             #[unroll]
             for v in 0..count {
-                let total = if comptime![maximum] {
-                    plane_max(own[v as usize])
-                } else {
-                    plane_sum(own[v as usize])
-                };
+                let total = plane_fold(own[v as usize], maximum);
                 if unit == 0 {
                     self.partials[start + v as usize] = total;
                 }
@@ -260,6 +240,26 @@ impl Reducer {
             self.partials[start + 1],
             self.partials[start + 2],
         )
+    }
+}
+
+/// `a` and `b` combined: their maximum when `maximum`, else their sum.
+#[cube]
+fn fold(a: f32, b: f32, #[comptime] maximum: bool) -> f32 {
+    if comptime![maximum] {
+        f32::max(a, b)
+    } else {
+        a + b
+    }
+}
+
+/// `value` combined over the units of the plane, as [`fold`] does.
+#[cube]
+fn plane_fold(value: f32, #[comptime] maximum: bool) -> f32 {
+    if comptime![maximum] {
+        plane_max(value)
+    } else {
+        plane_sum(value)
     }
 }
 
@@ -516,6 +516,15 @@ struct Anchor {
     inv_eps: f32,
 }
 
+#[cube]
+impl Anchor {
+    /// The anchored weight of every entry at or above `ceiling`:
+    /// exp(min(ceiling − anchor, margin)·inv_eps).
+    fn bound(&self, ceiling: f32) -> f32 {
+        f32::exp(f32::min(ceiling - self.anchor, self.margin) * self.inv_eps)
+    }
+}
+
 /// No anchor yet, for updates at the output temperature 1 / `inv_eps_out`.
 #[cube]
 fn unset_anchor(inv_eps_out: f32) -> Anchor {
@@ -566,7 +575,7 @@ fn weighting(
         }
         result.reference = anchor.anchor;
         result.anchored = true;
-        result.bound = f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
+        result.bound = anchor.bound(ceiling);
     }
     result
 }
@@ -767,8 +776,7 @@ fn banded_updates(
                 && ceiling <= found.hi
                 && f32::abs(f32::min(row_max, ceiling) - anchor.anchor) <= anchor.margin;
             if inside {
-                let bound =
-                    f32::exp(f32::min(ceiling - anchor.anchor, anchor.margin) * anchor.inv_eps);
+                let bound = anchor.bound(ceiling);
                 let (total, _) = band_sums(band, found, bound, ceiling, false);
                 a = schedule[t] * (log_k - f32::ln(total)) - anchor.anchor;
                 if lane == 0 {
@@ -1119,8 +1127,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                         let mut u = steps - 1;
                         while u >= steady {
                             let ceiling = -thresholds[at + u - 1];
-                            let bound =
-                                f32::exp(f32::min(ceiling - r, anchor.margin) * inv_eps_out);
+                            let bound = anchor.bound(ceiling);
                             let (total, above) = band_sums(&band, &found, bound, ceiling, true);
                             let coefficient = band_d_a / total;
                             if UNIT_POS_PLANE == 0 {
