@@ -32,6 +32,9 @@ const MAX_VALUES: u32 = 4;
 /// Words of `partials` one combination uses: [`MAX_VALUES`] per plane, for 32 planes.
 const PARTIALS: usize = 128;
 
+/// The widest plane that [`plane_fold`] reduces by its unrolled butterfly.
+pub(crate) const MAX_BUTTERFLY_WIDTH: u32 = 128;
+
 /// Where the units of a row combine their partial results: `partials` in shared memory for
 /// the planes of a cube ([`MAX_VALUES`] words per plane), and `exchange` in global memory for
 /// the cubes of a row split across several (see [`Reducer::across_cubes`]). Every
@@ -107,7 +110,7 @@ impl Reducer {
         }
         #[unroll]
         for v in 0..count {
-            values[v as usize] = plane_fold(values[v as usize], maximum);
+            values[v as usize] = plane_fold(values[v as usize], maximum, layout.plane_width);
         }
         if comptime![layout.planes > 1] {
             let start = self.next_half();
@@ -200,9 +203,17 @@ impl Reducer {
                 }
                 word += PLANE_DIM as usize;
             }
+            // Only the first splits · count lanes hold words: the butterfly spans those.
+            let width = comptime![if layout.plane_width == 0 {
+                0
+            } else {
+                layout
+                    .plane_width
+                    .min((layout.splits * count).next_power_of_two().max(2))
+            }];
             #[unroll]
             for v in 0..count {
-                let total = plane_fold(own[v as usize], maximum);
+                let total = plane_fold(own[v as usize], maximum, width);
                 if unit == 0 {
                     self.partials[start + v as usize] = total;
                 }
@@ -253,13 +264,40 @@ fn fold(a: f32, b: f32, #[comptime] maximum: bool) -> f32 {
     }
 }
 
-/// `value` combined over the units of the plane, as [`fold`] does.
+/// `value` combined over the units of the plane, as [`fold`] does: by an unrolled butterfly
+/// of shuffles when every plane is `width` units wide (at most [`MAX_BUTTERFLY_WIDTH`];
+/// every unit gets the same bits, the operands of each step being swapped between
+/// partners), else by the runtime's plane operation (`width` 0).
 #[cube]
-fn plane_fold(value: f32, #[comptime] maximum: bool) -> f32 {
-    if comptime![maximum] {
+fn plane_fold(value: f32, #[comptime] maximum: bool, #[comptime] width: u32) -> f32 {
+    if comptime![width > 1] {
+        let mut result = butterfly_step(value, 64u32, width, maximum);
+        result = butterfly_step(result, 32u32, width, maximum);
+        result = butterfly_step(result, 16u32, width, maximum);
+        result = butterfly_step(result, 8u32, width, maximum);
+        result = butterfly_step(result, 4u32, width, maximum);
+        result = butterfly_step(result, 2u32, width, maximum);
+        butterfly_step(result, 1u32, width, maximum)
+    } else if comptime![maximum] {
         plane_max(value)
     } else {
         plane_sum(value)
+    }
+}
+
+/// One step of [`plane_fold`]'s butterfly: `value` folded with the partner `offset` units
+/// away, a step that planes of `width` units or fewer skip.
+#[cube]
+fn butterfly_step(
+    value: f32,
+    #[comptime] offset: u32,
+    #[comptime] width: u32,
+    #[comptime] maximum: bool,
+) -> f32 {
+    if comptime![offset < width] {
+        fold(value, plane_shuffle_xor(value, offset), maximum)
+    } else {
+        value
     }
 }
 
@@ -808,12 +846,15 @@ pub struct KernelLayout {
     /// Whether updates at the output temperature run from a band of the entries near the
     /// thresholds still to come (one row to a cube, held in registers).
     pub banded: bool,
+    /// The width of every plane when the device has one width (a power of two; reductions
+    /// over a plane are then unrolled), else 0.
+    pub plane_width: u32,
 }
 
 /// The iterative solver. `schedule` holds eps_1..eps_T then the output temperature;
 /// `thresholds` receives a_1..a_T of every row (`[rows, steps]`). A split row's cubes use
 /// `exchange` slots 0 (maximum), 1 (valid count) and 1 + t (iteration t), cleared.
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_forward<F: Float, M: Int>(
     scores: &Array<F>,
     k: &Array<F>,
@@ -989,7 +1030,7 @@ fn output_slope(s: f32, a_last: f32, g: f32, inv_eps_out: f32) -> f32 {
 /// of the cube) carries each iteration's ā_t/Z_t, ceiling, shift and inverse temperature to
 /// a final pass, so their gradient too is written once. A split row's cubes use `exchange`
 /// slots 0 (maximum), 1 (ā_T) and 2 + 2(T − t), 3 + 2(T − t) (iteration t), cleared.
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 pub fn coor_descent_backward<F: Float, M: Int>(
     scores: &Array<F>,
     k: &Array<F>,
@@ -1288,7 +1329,7 @@ fn valid_min<F: Float, M: Int>(
 /// threshold a of every row (`[rows]`, element `F`) and the passes it took (`[rows]`). A
 /// split row's cubes use `exchange` slots 0 (maximum), 1 (minimum), 2 (valid count) and
 /// 2p + 1, 2p + 2 (pass p), cleared.
-#[cube(launch, fast_math = FastMath::ReducedPrecision | FastMath::NotInf)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotInf)]
 pub fn coor_descent_converged<F: Float, M: Int>(
     scores: &Array<F>,
     k: &Array<F>,
@@ -1384,7 +1425,7 @@ pub fn coor_descent_converged<F: Float, M: Int>(
 }
 
 /// Sets every word of `words` to 0: the cleared state of the exchange words of split rows.
-#[cube(launch)]
+#[cube(launch_unchecked)]
 pub(crate) fn clear_words(words: &mut Array<u32>) {
     if ABSOLUTE_POS < words.len() {
         words[ABSOLUTE_POS] = 0;

@@ -27,6 +27,7 @@ use cubecl::server::Handle;
 
 use kernels::{
     clear_words, BACKWARD_BAND_WORDS, COEFFICIENTS_PER_STEP, FORWARD_BANDS, FORWARD_BAND_WORDS,
+    MAX_BUTTERFLY_WIDTH,
 };
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
@@ -211,6 +212,14 @@ impl Layout {
                 splits: splits as u32,
                 max_steps: max_steps as u32,
                 banded,
+                plane_width: if hardware.plane_size_min == hardware.plane_size_max
+                    && hardware.plane_size_max.is_power_of_two()
+                    && hardware.plane_size_max <= MAX_BUTTERFLY_WIDTH
+                {
+                    hardware.plane_size_max
+                } else {
+                    0
+                },
             },
             group: group as u32,
             cubes: shape.rows.div_ceil(rows_per_cube) * splits,
@@ -275,7 +284,7 @@ pub fn forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     let output = client.empty(rows * n * F::type_size());
     let thresholds = client.empty(rows * steps * 4);
     unsafe {
-        coor_descent_forward::launch::<F, M, R>(
+        coor_descent_forward::launch_unchecked::<F, M, R>(
             client,
             layout.cube_count(),
             layout.cube_dim(),
@@ -330,7 +339,7 @@ pub fn backward<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     let d_scores = client.empty(rows * n * F::type_size());
     let d_k = client.empty(rows * F::type_size());
     unsafe {
-        coor_descent_backward::launch::<F, M, R>(
+        coor_descent_backward::launch_unchecked::<F, M, R>(
             client,
             layout.cube_count(),
             layout.cube_dim(),
@@ -395,7 +404,7 @@ pub fn converged<R: Runtime, F: Float + CubeElement, M: Int + CubeElement>(
     let thresholds = client.empty(rows * F::type_size());
     let passes = client.empty(rows * 4);
     unsafe {
-        coor_descent_converged::launch::<F, M, R>(
+        coor_descent_converged::launch_unchecked::<F, M, R>(
             client,
             layout.cube_count(),
             layout.cube_dim(),
@@ -472,7 +481,7 @@ impl<R: Runtime> Launch<R> {
             const UNITS: u32 = 256;
             let cubes = exchange_len.div_ceil(UNITS as usize) as u32;
             unsafe {
-                clear_words::launch::<R>(
+                clear_words::launch_unchecked::<R>(
                     client,
                     CubeCount::Static(cubes, 1, 1),
                     CubeDim::new_1d(UNITS),
