@@ -219,7 +219,7 @@ impl Reducer {
                 }
             }
             if comptime![prefix] {
-                let total_earlier = plane_sum(earlier);
+                let total_earlier = plane_fold(earlier, false, width);
                 if unit == 0 {
                     self.partials[start + MAX_VALUES as usize] = total_earlier;
                 }
@@ -747,7 +747,8 @@ fn polled(exchange: &Array<Atomic<u32>>, at: usize) -> f32 {
 }
 
 /// Over the row, from the band (in one plane): Σ_j min(w_j, bound), and the part from the
-/// entries above `ceiling` (with `with_above`; else 0), which are at the bound.
+/// entries above `ceiling` (with `with_above`; else 0), which are at the bound. `width` is
+/// the layout's plane width, for [`plane_fold`].
 #[cube]
 fn band_sums(
     band: &SharedMemory<f32>,
@@ -755,6 +756,7 @@ fn band_sums(
     bound: f32,
     ceiling: f32,
     #[comptime] with_above: bool,
+    #[comptime] width: u32,
 ) -> (f32, f32) {
     let mut total = 0.0f32;
     let mut over = 0.0f32;
@@ -768,9 +770,12 @@ fn band_sums(
     }
     let mut above = 0.0f32;
     if comptime![with_above] {
-        above = (plane_sum(over) + found.above) * bound;
+        above = (plane_fold(over, false, width) + found.above) * bound;
     }
-    (plane_sum(total) + found.above * bound + found.below, above)
+    (
+        plane_fold(total, false, width) + found.above * bound + found.below,
+        above,
+    )
 }
 
 /// The first exchange word of the row's band region: the regions of all rows, `words` each,
@@ -787,7 +792,8 @@ fn band_region(
 
 /// The forward's updates from `t` on, run by the first plane of the cube from the band while
 /// the ceiling −a stays in it and within the anchor's margin: returns the last threshold
-/// and the next update (other planes return their arguments).
+/// and the next update (other planes return their arguments). `width` is the layout's plane
+/// width.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn banded_updates(
@@ -803,6 +809,7 @@ fn banded_updates(
     steps: usize,
     log_k: f32,
     row_max: f32,
+    #[comptime] width: u32,
 ) -> (f32, usize) {
     let mut a = a;
     let mut t = t;
@@ -815,7 +822,7 @@ fn banded_updates(
                 && f32::abs(f32::min(row_max, ceiling) - anchor.anchor) <= anchor.margin;
             if inside {
                 let bound = anchor.bound(ceiling);
-                let (total, _) = band_sums(band, found, bound, ceiling, false);
+                let (total, _) = band_sums(band, found, bound, ceiling, false, width);
                 a = schedule[t] * (log_k - f32::ln(total)) - anchor.anchor;
                 if lane == 0 {
                     thresholds[row * steps + t] = a;
@@ -956,8 +963,19 @@ pub fn coor_descent_forward<F: Float, M: Int>(
                 bands += 1;
                 if found.size <= BAND_CAPACITY {
                     let (band_a, band_t) = banded_updates(
-                        &band, &found, &anchor, thresholds, schedule, a, t, row, lane, steps,
-                        log_k, row_max,
+                        &band,
+                        &found,
+                        &anchor,
+                        thresholds,
+                        schedule,
+                        a,
+                        t,
+                        row,
+                        lane,
+                        steps,
+                        log_k,
+                        row_max,
+                        layout.plane_width,
                     );
                     let (shared_a, shared_t, _) =
                         reducer.broadcast_first_unit(band_a, f32::cast_from(band_t as u32), 0.0);
@@ -1169,7 +1187,8 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                         while u >= steady {
                             let ceiling = -thresholds[at + u - 1];
                             let bound = anchor.bound(ceiling);
-                            let (total, above) = band_sums(&band, &found, bound, ceiling, true);
+                            let (total, above) =
+                                band_sums(&band, &found, bound, ceiling, true, layout.plane_width);
                             let coefficient = band_d_a / total;
                             if UNIT_POS_PLANE == 0 {
                                 band_coefficients[u] = coefficient;
