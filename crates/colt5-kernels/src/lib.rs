@@ -45,7 +45,7 @@ const BACKWARD_RESIDENT: usize = 16;
 const COEFFICIENT_BYTES: usize = 16 * 1024;
 /// Entries of a row one cube takes before the row is split across cubes (when the rows are
 /// too few to occupy the device): beyond it the forward needs its largest cube and the
-/// backward streams, while each combination of sums between cubes costs about 1.5 µs on an
+/// backward streams, while each combination of sums between cubes costs about 1 µs on an
 /// H100, so shorter rows run faster in one cube.
 const MAX_PIECE: usize = 16 * 1024;
 /// Exchange slots a launch may use with split rows (each takes a word per cube).
