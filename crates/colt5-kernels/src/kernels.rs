@@ -1107,7 +1107,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
         1usize
     }]);
     let mut band_coefficients = SharedMemory::<f32>::new(comptime![if layout.banded {
-        layout.max_steps as usize
+        2 * layout.max_steps as usize
     } else {
         1usize
     }]);
@@ -1204,25 +1204,37 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                     true,
                 );
                 if found.size <= BAND_CAPACITY {
-                    // The first plane runs the sweep's scalars, keeping each update's
-                    // coefficient ā_t/Z_t; below the band every update applies, so those
-                    // entries take their sum.
+                    // Each update's sums over the band depend on its ceiling alone, so the
+                    // planes compute them side by side (update u: its total at u, the part
+                    // above the ceiling at max_steps + u); then the first unit runs the
+                    // sweep's scalars, keeping each update's coefficient ā_t/Z_t at u.
+                    // Below the band every update applies, so those entries take their sum.
+                    let max_steps = layout.max_steps as usize;
+                    let planes = (CUBE_DIM / PLANE_DIM) as usize;
+                    let mut u = steady + PLANE_POS as usize;
+                    while u < steps {
+                        let ceiling = -thresholds[at + u - 1];
+                        let bound = anchor.bound(ceiling);
+                        let (total, above) =
+                            band_sums(&band, &found, bound, ceiling, true, layout.plane_width);
+                        if UNIT_POS_PLANE == 0 {
+                            band_coefficients[u] = total;
+                            band_coefficients[max_steps + u] = above;
+                        }
+                        u += planes;
+                    }
+                    sync_cube();
                     let mut band_d_a = d_a;
                     let mut band_d_log_k = d_log_k;
                     let mut below_coefficient = 0.0f32;
-                    if PLANE_POS == 0 {
+                    if UNIT_POS == 0 {
                         let mut u = steps - 1;
                         while u >= steady {
-                            let ceiling = -thresholds[at + u - 1];
-                            let bound = anchor.bound(ceiling);
-                            let (total, above) =
-                                band_sums(&band, &found, bound, ceiling, true, layout.plane_width);
+                            let total = band_coefficients[u];
                             let coefficient = band_d_a / total;
-                            if UNIT_POS_PLANE == 0 {
-                                band_coefficients[u] = coefficient;
-                            }
+                            band_coefficients[u] = coefficient;
                             below_coefficient += coefficient;
-                            band_d_a *= above / total;
+                            band_d_a *= band_coefficients[max_steps + u] / total;
                             band_d_log_k += band_d_a * schedule[u - 1];
                             u -= 1;
                         }
