@@ -755,10 +755,10 @@ const BAND_READS: u32 = 8;
 /// entries above `ceiling` (with `with_above`; else 0), which are at the bound. `width` is
 /// the layout's plane width, for [`plane_fold`]. Without `with_above` and with a known
 /// width, each unit reads its entries [`BAND_READS`] at a time (the sums are the same:
-/// entries past the band add 0); the backward's sweep, which also reads the scores, keeps one
-/// read at a time: groups of 8 weights and 8 scores (with each ceiling read one update
-/// ahead) measured slower there (H100, 64 × 32768 at 50 iterations, forward and backward
-/// 0.215 → 0.235 ms).
+/// entries past the band add 0). The backward, which also reads the scores, keeps one read
+/// at a time: when one plane ran its updates, groups of 8 weights and 8 scores (with each
+/// ceiling read one update ahead) measured slower (H100, 64 × 32768 at 50 iterations,
+/// forward and backward 0.215 → 0.235 ms); its updates now run one plane each, side by side.
 #[cube]
 fn band_sums(
     band: &SharedMemory<f32>,
