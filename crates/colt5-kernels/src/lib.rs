@@ -16,9 +16,10 @@
 //! combine their sums through words in global memory. Updates at the schedule's final
 //! temperature use anchored weights (no exp per entry and iteration; see
 //! [`Schedule::steady`]), and when they are many, in launches of one cube per
-//! multiprocessor, run in one plane from the band of entries near the thresholds still to
-//! come, with no barrier per update. This crate depends only on CubeCL: `colt5` wires it into burn's
-//! CubeCL backends.
+//! multiprocessor, run from the band of entries near the thresholds still to come: in the
+//! forward one plane runs them with no barrier per update; in the backward, which knows
+//! every threshold, the planes compute the updates' sums side by side. This crate depends
+//! only on CubeCL: `colt5` wires it into burn's CubeCL backends.
 
 mod kernels;
 
