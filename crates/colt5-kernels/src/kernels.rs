@@ -1210,7 +1210,7 @@ pub fn coor_descent_backward<F: Float, M: Int>(
                     // sweep's scalars, keeping each update's coefficient ā_t/Z_t at u.
                     // Below the band every update applies, so those entries take their sum.
                     let max_steps = layout.max_steps as usize;
-                    let planes = (CUBE_DIM / PLANE_DIM) as usize;
+                    let planes = layout.planes as usize;
                     let mut u = steady + PLANE_POS as usize;
                     while u < steps {
                         let ceiling = -thresholds[at + u - 1];
