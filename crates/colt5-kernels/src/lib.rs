@@ -22,6 +22,7 @@
 //! only on CubeCL: `colt5` wires it into burn's CubeCL backends.
 
 mod kernels;
+mod top_k;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -33,6 +34,7 @@ use kernels::{
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
 };
+pub use top_k::top_k_rows;
 
 /// Units of a cube when each row takes one plane.
 const PLANE_LAYOUT_CUBE: usize = 256;
@@ -59,6 +61,10 @@ const MIN_BANDED_UPDATES: usize = 16;
 const ASSUMED_MULTIPROCESSORS: usize = 128;
 /// The most iterations the kernels take.
 pub const MAX_STEPS: usize = 1024;
+/// The largest k [`top_k`] takes: its selection (8 bytes an entry) stays in shared memory.
+pub const MAX_TOP_K: usize = 4096;
+/// The most units of a [`top_k`] cube.
+const TOP_K_MAX_UNITS: usize = 1024;
 
 /// The problem: `rows` rows of `n` entries, row-major and contiguous.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +113,13 @@ pub enum LaunchError {
     Steps(usize),
     /// A row count or length of zero.
     Empty(Rows),
+    /// A top-k count of zero, above the row length or above [`MAX_TOP_K`].
+    TopK {
+        /// The count asked for.
+        k: usize,
+        /// The row length.
+        n: usize,
+    },
 }
 
 impl std::fmt::Display for LaunchError {
@@ -119,6 +132,10 @@ impl std::fmt::Display for LaunchError {
             LaunchError::Empty(rows) => {
                 write!(f, "no entries to solve: {} rows of {}", rows.rows, rows.n)
             }
+            LaunchError::TopK { k, n } => write!(
+                f,
+                "top-k takes 1 ≤ k ≤ min(n, {MAX_TOP_K}), not k = {k} of n = {n}"
+            ),
         }
     }
 }
@@ -538,4 +555,45 @@ mod tests {
         assert_eq!(Schedule(vec![0.5]).steady(), 0);
         assert_eq!(Schedule(vec![]).steady(), 0);
     }
+}
+
+/// The positions of the `k` largest entries of every row of `values` (`[rows, n]`, element
+/// `F`): `[rows, k]` of element `I`, in descending order of value, the lower position
+/// first among equal values. One cube per row (32 to 1024 units, about 16 entries a unit);
+/// 1 ≤ k ≤ min(n, [`MAX_TOP_K`]).
+pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    values: &Handle,
+    shape: Rows,
+    k: usize,
+) -> Result<Handle, LaunchError> {
+    let Rows { rows, n } = shape;
+    if rows == 0 || n == 0 {
+        return Err(LaunchError::Empty(shape));
+    }
+    if k == 0 || k > n || k > MAX_TOP_K {
+        return Err(LaunchError::TopK { k, n });
+    }
+    let units = (n / 16).next_power_of_two().clamp(32, TOP_K_MAX_UNITS);
+    // A few capacity classes, so that few variants of the kernel are compiled.
+    let capacity = k.next_power_of_two().max(64);
+    let indices = client.empty(rows * k * I::type_size());
+    const MAX_X: usize = 65_535;
+    let x = rows.min(MAX_X);
+    unsafe {
+        top_k_rows::launch_unchecked::<F, I, R>(
+            client,
+            CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1),
+            CubeDim::new_1d(units as u32),
+            ArrayArg::from_raw_parts(values.clone(), rows * n),
+            ArrayArg::from_raw_parts(indices.clone(), rows * k),
+            rows as u32,
+            n as u32,
+            k as u32,
+            n.div_ceil(units) as u32,
+            capacity as u32,
+            TOP_K_MAX_UNITS as u32,
+        );
+    }
+    Ok(indices)
 }

@@ -4,7 +4,9 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor};
 
-use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, Solver};
+use crate::coor_descent::{
+    coor_descent, top_k_indices, CoorDescentBackend, CoorDescentConfig, Solver,
+};
 use crate::error::Error;
 
 /// Configuration of [`CoordinateDescentRouter`]; defaults are the reference's.
@@ -130,9 +132,12 @@ impl CoordinateDescentRouterConfig {
                 eps_decay: self.eps_decay,
             }
         };
+        // The scores are the router's own products of finite activations: checking them
+        // would read them back from the device on every call.
         let coor_descent = CoorDescentConfig::new()
             .with_eps(self.eps)
-            .with_solver(solver);
+            .with_solver(solver)
+            .with_validate(false);
         coor_descent.check()?;
         Ok(CoordinateDescentRouter {
             routing_token: (!self.learned_routing_tokens).then(|| {
@@ -172,17 +177,6 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
         options: RouteOptions<B>,
     ) -> crate::Result<RouterOutput<B>> {
         let [batch, n, dim] = x.dims();
-        let routes = self.num_routes;
-        if let Some(token) = &self.routing_token {
-            let expected = token.dims()[1];
-            if dim != expected {
-                return Err(Error::Shape {
-                    name: "x",
-                    actual: vec![batch, n, dim],
-                    expected: format!("[batch, n, {expected}] (the router's dim)"),
-                });
-            }
-        }
         if let Some(mask) = &options.mask {
             if mask.dims() != [batch, n] {
                 return Err(Error::Shape {
@@ -192,18 +186,71 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
                 });
             }
         }
+        let tokens = self.routing_tokens([batch, n, dim], options.routing_tokens)?;
+        let masks = options.mask.map(|mask| mask.unsqueeze_dim::<3>(1));
+        self.route(x, tokens, num_tokens, masks, 1, options.random_route)
+    }
+
+    /// Routes `x: [batch, n, dim]` once for each of `groups` masks per sequence,
+    /// `masks: [batch, groups, n]` (`true` = may be routed): group g of sequence b selects
+    /// `num_tokens` tokens per route among those its mask shows. The output is that of
+    /// [`forward`](Self::forward) on `batch · groups` sequences (row `b · groups + g`), but
+    /// each token's score is computed once and only the selected tokens are gathered, so the
+    /// cost in memory is one scalar per group, route and token instead of a copy of `x` per
+    /// group. The causal routed attention routes each window's keys among all earlier
+    /// tokens this way.
+    pub fn forward_groups(
+        &self,
+        x: Tensor<B, 3>,
+        num_tokens: usize,
+        masks: Tensor<B, 3, Bool>,
+        random_route: bool,
+    ) -> crate::Result<RouterOutput<B>> {
+        let [batch, n, dim] = x.dims();
+        let [mask_batch, groups, mask_n] = masks.dims();
+        if mask_batch != batch || mask_n != n || groups == 0 {
+            return Err(Error::Shape {
+                name: "masks",
+                actual: vec![mask_batch, groups, mask_n],
+                expected: format!("[{batch}, groups ≥ 1, {n}] (batch and length of x)"),
+            });
+        }
+        let tokens = self.routing_tokens([batch, n, dim], None)?;
+        self.route(x, tokens, num_tokens, Some(masks), groups, random_route)
+    }
+
+    /// The routing of [`forward_groups`](Self::forward_groups) given the routing tokens
+    /// `[batch, r, dim]`; `masks: [batch, groups, n]`.
+    fn route(
+        &self,
+        x: Tensor<B, 3>,
+        tokens: Tensor<B, 3>,
+        num_tokens: usize,
+        masks: Option<Tensor<B, 3, Bool>>,
+        groups: usize,
+        random_route: bool,
+    ) -> crate::Result<RouterOutput<B>> {
+        let [batch, n, dim] = x.dims();
+        let routes = self.num_routes;
         if num_tokens == 0 {
             return Err(Error::config("num_tokens", 0, "at least 1"));
         }
-        let tokens = self.routing_tokens(batch, dim, options.routing_tokens)?;
+        let sequences = batch * groups;
+        // [batch, n] per sequence → [batch · groups, r, n] per sequence and route.
+        let per_route = |mask: Tensor<B, 3, Bool>, len: usize| {
+            mask.unsqueeze_dim::<4>(2)
+                .expand([batch, groups, routes, len])
+                .reshape([sequences, routes, len])
+        };
         if n <= num_tokens {
             return Ok(RouterOutput {
                 indices: None,
-                scores: Tensor::ones([batch, routes, n], &x.device()),
-                routed_tokens: x.unsqueeze_dim::<4>(1).expand([batch, routes, n, dim]),
-                routed_mask: options
-                    .mask
-                    .map(|m| m.unsqueeze_dim::<3>(1).expand([batch, routes, n])),
+                scores: Tensor::ones([sequences, routes, n], &x.device()),
+                routed_tokens: x
+                    .reshape([batch, 1, 1, n, dim])
+                    .expand([batch, groups, routes, n, dim])
+                    .reshape([sequences, routes, n, dim]),
+                routed_mask: masks.map(|m| per_route(m, n)),
             });
         }
         let (block, blocks, per_block) = match self.route_block_size {
@@ -221,7 +268,8 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
             None => (n, 1, num_tokens),
         };
 
-        // Scores [batch, r, blocks·block] → rows [batch·r·blocks, block].
+        // One score per token and route, [batch, r, blocks·block], shared by the groups:
+        // rows [batch·groups·r·blocks, block].
         let features = |t: Tensor<B, 3>| match self.cosine_sim_scale {
             Some(_) => l2_normalize(t),
             None => t,
@@ -234,16 +282,15 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
         if let Some(scale) = self.cosine_sim_scale {
             scores = scores.mul_scalar(scale);
         }
-        let rows = batch * routes * blocks;
-        let scores = scores.reshape([rows, block]);
-        let row_mask = options.mask.clone().map(|m| {
-            m.narrow(1, 0, routed_len)
-                .unsqueeze_dim::<3>(1)
-                .expand([batch, routes, routed_len])
-                .reshape([rows, block])
-        });
+        let rows = sequences * routes * blocks;
+        let scores = scores
+            .unsqueeze_dim::<4>(1)
+            .expand([batch, groups, routes, routed_len])
+            .reshape([rows, block]);
+        let row_mask =
+            masks.map(|m| per_route(m.narrow(2, 0, routed_len), routed_len).reshape([rows, block]));
 
-        let soft = if options.random_route {
+        let soft = if random_route {
             let noise = Tensor::random([rows, block], Distribution::Normal(0.0, 1.0), &x.device());
             match &row_mask {
                 Some(mask) => noise.mask_fill(mask.clone().bool_not(), f32::MIN),
@@ -253,7 +300,8 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
             let k = (per_block as f64 * self.fetch_k_ratio).min(block as f64);
             coor_descent(scores, k, row_mask.clone(), &self.coor_descent)?
         };
-        let (mut selected, local) = soft.topk_with_indices(per_block, 1);
+        let local = top_k_indices(soft.clone(), per_block)?;
+        let mut selected = soft.gather(1, local.clone());
         if self.straight_through {
             selected = selected.clone() + selected.neg().add_scalar(1.0).detach();
         }
@@ -262,23 +310,23 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
             selected = selected.mask_fill(mask.clone().bool_not(), 0.0);
         }
 
-        // Block-local positions → sequence positions, [batch, r, blocks·per_block].
+        // Block-local positions → sequence positions, [batch·groups, r, blocks·per_block].
         let count = blocks * per_block;
         let offsets = Tensor::<B, 1, Int>::arange(0..blocks as i64, &x.device())
             .mul_scalar(block as i64)
             .reshape([1, blocks, 1]);
-        let indices = (local.reshape([batch * routes, blocks, per_block]) + offsets)
-            .reshape([batch, routes, count]);
-        let scores = selected.reshape([batch, routes, count]);
-        let routed_mask = selected_mask.map(|m| m.reshape([batch, routes, count]));
-        let gather_index = indices.clone().reshape([batch, routes * count, 1]).expand([
-            batch,
-            routes * count,
-            dim,
-        ]);
+        let indices = (local.reshape([sequences * routes, blocks, per_block]) + offsets)
+            .reshape([sequences, routes, count]);
+        let scores = selected.reshape([sequences, routes, count]);
+        let routed_mask = selected_mask.map(|m| m.reshape([sequences, routes, count]));
+        let gathered = groups * routes * count;
+        let gather_index = indices
+            .clone()
+            .reshape([batch, gathered, 1])
+            .expand([batch, gathered, dim]);
         let routed_tokens = x
             .gather(1, gather_index)
-            .reshape([batch, routes, count, dim]);
+            .reshape([sequences, routes, count, dim]);
         Ok(RouterOutput {
             indices: Some(indices),
             scores,
@@ -287,14 +335,24 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
         })
     }
 
-    /// The routing tokens as `[batch, r, dim]`.
+    /// The routing tokens as `[batch, r, dim]` for `x` of shape `x_dims`.
     fn routing_tokens(
         &self,
-        batch: usize,
-        dim: usize,
+        x_dims: [usize; 3],
         given: Option<Tensor<B, 3>>,
     ) -> crate::Result<Tensor<B, 3>> {
+        let [batch, n, dim] = x_dims;
         let routes = self.num_routes;
+        if let Some(token) = &self.routing_token {
+            let expected = token.dims()[1];
+            if dim != expected {
+                return Err(Error::Shape {
+                    name: "x",
+                    actual: vec![batch, n, dim],
+                    expected: format!("[batch, n, {expected}] (the router's dim)"),
+                });
+            }
+        }
         match (&self.routing_token, given) {
             (Some(param), None) => Ok(param
                 .val()

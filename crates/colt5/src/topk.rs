@@ -3,7 +3,9 @@
 use burn::config::Config;
 use burn::tensor::{Bool, Int, Tensor};
 
-use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, Solver};
+use crate::coor_descent::{
+    coor_descent, top_k_indices, CoorDescentBackend, CoorDescentConfig, Solver,
+};
 use crate::error::Error;
 
 /// Options of [`topk`]; defaults are the reference's.
@@ -71,9 +73,9 @@ pub fn topk<B: CoorDescentBackend, const D: usize>(
         ));
     }
     if config.non_differentiable {
-        let (values, indices) = x.topk_with_indices(k, D - 1);
+        let indices = top_k_indices(x.clone(), k)?;
         return Ok(TopkOutput {
-            values,
+            values: x.gather(D - 1, indices.clone()),
             indices,
             coor_descent_values: None,
             gates: None,
@@ -90,9 +92,10 @@ pub fn topk<B: CoorDescentBackend, const D: usize>(
     let target = (k as f64 * config.coor_descent_k_ratio).min(n as f64);
     let soft = coor_descent(x.clone(), target, mask, &soft_config)?;
     let gates = soft.clone() + soft.clone().neg().add_scalar(1.0).detach();
-    let (values, indices) = (x * gates.clone()).topk_with_indices(k, D - 1);
+    let gated = x * gates.clone();
+    let indices = top_k_indices(gated.clone(), k)?;
     Ok(TopkOutput {
-        values,
+        values: gated.gather(D - 1, indices.clone()),
         coor_descent_values: Some(soft.gather(D - 1, indices.clone())),
         gates: Some(gates.gather(D - 1, indices.clone())),
         indices,

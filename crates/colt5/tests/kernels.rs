@@ -431,3 +431,60 @@ fn converged_kernel_matches_the_cpu_implementation() {
         }
     }
 }
+
+/// The device's top-k selects exactly: for each row the positions of the k largest values,
+/// largest first, the lower position first among equal values (the expected order is
+/// computed here by a stable sort). Values are rounded to a coarse grid on some rows so
+/// that ties straddle the k-th place, and include negative numbers, zeros of both signs
+/// and the largest floats.
+#[test]
+fn top_k_selects_the_largest_in_order() {
+    use colt5::coor_descent::top_k_indices;
+    let device = Default::default();
+    for (rows, n, k, seed) in [
+        (1, 65_536, 4096, 1),
+        (3, 1000, 7, 2),
+        (257, 64, 16, 3),
+        (5, 17, 17, 4),
+        (2, 33, 1, 5),
+        (4, 5000, 1000, 6),
+    ] {
+        let mut values: Vec<f32> = normals(seed, rows * n, 2.0)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        for (row, chunk) in values.chunks_mut(n).enumerate() {
+            match row % 3 {
+                // Few distinct values: many ties at the k-th place.
+                1 => chunk.iter_mut().for_each(|v| *v = v.round()),
+                2 => {
+                    chunk[0] = -0.0;
+                    chunk[n / 2] = 0.0;
+                    chunk[n - 1] = f32::MAX;
+                    if n > 3 {
+                        chunk[1] = f32::MIN;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let tensor =
+            Tensor::<Gpu, 2>::from_data(TensorData::new(values.clone(), [rows, n]), &device);
+        let got: Vec<i64> = top_k_indices(tensor, k)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .unwrap();
+        for (row, chunk) in values.chunks(n).enumerate() {
+            let mut order: Vec<usize> = (0..n).collect();
+            // -0.0 and 0.0 are ordered by sign, as the kernel's keys order them.
+            order.sort_by(|&a, &b| chunk[b].total_cmp(&chunk[a]));
+            let expected: Vec<i64> = order[..k].iter().map(|&j| j as i64).collect();
+            assert_eq!(
+                &got[row * k..(row + 1) * k],
+                &expected[..],
+                "{rows} x {n}, k = {k}: row {row}"
+            );
+        }
+    }
+}

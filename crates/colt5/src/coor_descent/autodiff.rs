@@ -8,7 +8,7 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 
 use super::{CoorDescentBackend, CoorDescentConfig, SolveStats};
 
@@ -81,5 +81,10 @@ impl<B: CoorDescentBackend, C: CheckpointStrategy> CoorDescentBackend for Autodi
                 (prep.finish(output), stats)
             }
         }
+    }
+
+    /// Indices carry no gradient: the inner backend selects.
+    fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        B::top_k_indices(values.primitive, k)
     }
 }

@@ -2,9 +2,9 @@
 //! fused kernels of `colt5-kernels`: one launch each, the thresholds (T f32 per row) the
 //! only state kept between them. The converged solver runs as one kernel too (each row
 //! stops on its own); its implicit-function gradient, a few elementwise operations and two
-//! row sums, stays in the portable code.
+//! row sums, stays in the portable code. Top-k selection runs on the device too.
 
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
@@ -12,7 +12,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use colt5_kernels::{Convergence, Inputs, Rows};
 
 use super::{
-    portable_backward, portable_solve, CoorDescentBackend, CoorDescentConfig, SolveStats, Solver,
+    portable_backward, portable_solve, portable_top_k_indices, CoorDescentBackend,
+    CoorDescentConfig, SolveStats, Solver,
 };
 
 impl<R, F, I, BT> CoorDescentBackend for CubeBackend<R, F, I, BT>
@@ -80,6 +81,26 @@ where
         (
             call.tensor::<F>(d_scores, [call.shape.rows, call.shape.n]),
             call.tensor::<F>(d_k, [call.shape.rows, 1]),
+        )
+    }
+
+    /// The radix-select kernel of `colt5-kernels` (k up to its `MAX_TOP_K`; beyond, burn's
+    /// sort).
+    fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        if k > colt5_kernels::MAX_TOP_K {
+            return portable_top_k_indices::<Self>(values, k);
+        }
+        let [rows, n] = values.meta.shape.dims::<2>();
+        let values = into_contiguous(values);
+        let indices =
+            colt5_kernels::top_k::<R, F, I>(&values.client, &values.handle, Rows { rows, n }, k)
+                .expect("1 ≤ k ≤ n, checked by the caller");
+        CubeTensor::new_contiguous(
+            values.client.clone(),
+            values.device.clone(),
+            Shape::new([rows, k]),
+            indices,
+            I::dtype(),
         )
     }
 }

@@ -62,8 +62,8 @@ mod iterative;
 use burn::config::Config;
 use burn::tensor::{
     backend::Backend,
-    ops::{BoolTensor, FloatTensor},
-    Bool, Tensor, TensorData, TensorPrimitive,
+    ops::{BoolTensor, FloatTensor, IntTensor},
+    Bool, Int, Tensor, TensorData, TensorPrimitive,
 };
 use serde::{Deserialize, Serialize};
 
@@ -289,6 +289,43 @@ pub trait CoorDescentBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         portable_backward::<Self>(scores, k, mask, thresholds, grad, config)
     }
+
+    /// Positions of the `k` largest entries of every row of `values: [rows, n]`
+    /// (1 ≤ k ≤ n): `[rows, k]`, in descending order of value. Routers select their tokens
+    /// with it. The default sorts each row with burn's `sort`, which backends without a
+    /// sort of their own run on the host; CubeCL backends select on the device.
+    fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        portable_top_k_indices::<Self>(values, k)
+    }
+}
+
+/// Top-k positions through burn's sort.
+fn portable_top_k_indices<B: Backend>(values: FloatTensor<B>, k: usize) -> IntTensor<B> {
+    let (_, indices) = float::<B>(values).topk_with_indices(k, 1);
+    indices.into_primitive()
+}
+
+/// The positions of the `k` largest entries of `values: [..., n]` over its last axis,
+/// `[..., k]`, in descending order of value ([`CoorDescentBackend::top_k_indices`]: on the
+/// device for CubeCL backends). Errors unless 1 ≤ k ≤ n.
+pub fn top_k_indices<B: CoorDescentBackend, const D: usize>(
+    values: Tensor<B, D>,
+    k: usize,
+) -> crate::Result<Tensor<B, D, Int>> {
+    let dims = values.dims();
+    let n = dims[D - 1];
+    if k == 0 || k > n {
+        return Err(Error::KExceedsRow {
+            k: k as f64,
+            n,
+            row: 0,
+        });
+    }
+    let rows = dims[..D - 1].iter().product();
+    let indices = B::top_k_indices(values.reshape([rows, n]).into_primitive().tensor(), k);
+    let mut out_dims = dims;
+    out_dims[D - 1] = k;
+    Ok(Tensor::<B, 2, Int>::from_primitive(indices).reshape(out_dims))
 }
 
 /// The portable solver: tensor operations of any backend.

@@ -183,7 +183,7 @@ impl<B: CoorDescentBackend> ConditionalRoutedAttention<B> {
             query_mask: mask.clone(),
             num_queries: self.num_heavy_tokens_q,
             keys: x,
-            key_mask: mask,
+            key_mask: mask.map(|m| m.unsqueeze_dim::<3>(1)),
             num_keys: self.num_heavy_tokens_kv,
             random_route: false,
             rotary,
@@ -227,10 +227,11 @@ pub(crate) struct HeavyInputs<B: Backend> {
     /// `[batch, len_q]`, true = real token.
     pub query_mask: Option<Tensor<B, 2, Bool>>,
     pub num_queries: usize,
-    /// `[batch, len_k, dim]`.
+    /// `[batch_k, len_k, dim]`, shared by `groups = batch / batch_k` consecutive query
+    /// sequences (one group without `key_mask`).
     pub keys: Tensor<B, 3>,
-    /// `[batch, len_k]`, true = visible.
-    pub key_mask: Option<Tensor<B, 2, Bool>>,
+    /// `[batch_k, groups, len_k]`, true = visible to the group's queries.
+    pub key_mask: Option<Tensor<B, 3, Bool>>,
     pub num_keys: usize,
     pub random_route: bool,
     pub rotary: Option<RotaryPositions<B>>,
@@ -242,7 +243,7 @@ pub(crate) struct RotaryPositions<B: Backend> {
     pub table: Rotation<B, 2>,
     /// `[batch, len_q]`.
     pub queries: Tensor<B, 2, Int>,
-    /// `[batch, len_k]`.
+    /// `[batch_k, len_k]`.
     pub keys: Tensor<B, 2, Int>,
 }
 
@@ -252,50 +253,68 @@ impl<B: CoorDescentBackend> HeavyBranch<'_, B> {
     pub fn forward(&self, inputs: HeavyInputs<B>) -> crate::Result<Tensor<B, 3>> {
         let [batch, len_q, dim] = inputs.queries.dims();
         let device = inputs.queries.device();
-        let route = |router: &CoordinateDescentRouter<B>, x, mask, count| {
-            router.forward(
-                x,
-                count,
+        let queries = self.q_router.forward(
+            inputs.queries,
+            inputs.num_queries,
+            RouteOptions {
+                mask: inputs.query_mask,
+                random_route: inputs.random_route,
+                routing_tokens: None,
+            },
+        )?;
+        let keys = match inputs.key_mask {
+            Some(masks) if masks.dims()[1] > 1 => self.kv_router.forward_groups(
+                inputs.keys,
+                inputs.num_keys,
+                masks,
+                inputs.random_route,
+            )?,
+            mask => self.kv_router.forward(
+                inputs.keys,
+                inputs.num_keys,
                 RouteOptions {
-                    mask,
+                    mask: mask.map(|m| m.squeeze_dim::<2>(1)),
                     random_route: inputs.random_route,
                     routing_tokens: None,
                 },
-            )
+            )?,
         };
-        let queries = route(
-            self.q_router,
-            inputs.queries,
-            inputs.query_mask,
-            inputs.num_queries,
-        )?;
-        let keys = route(
-            self.kv_router,
-            inputs.keys,
-            inputs.key_mask,
-            inputs.num_keys,
-        )?;
         let [_, _, q_count, _] = queries.routed_tokens.dims();
         let [_, routes, kv_count, _] = keys.routed_tokens.dims();
         let scores_q = queries.scores.reshape([batch, q_count]);
 
         let rotary = inputs.rotary.map(|positions| {
             let dim_head = positions.table.cos.dims()[1];
-            // The rotation at each routed token's position: [batch, routes, count, dim_head].
-            let at =
-                |slots: Tensor<B, 2, Int>, indices: &Option<Tensor<B, 3, Int>>, routes, count| {
-                    let slots = match indices {
-                        Some(indices) => slots
-                            .gather(1, indices.clone().reshape([batch, routes * count]))
-                            .reshape([batch, routes, count]),
-                        None => slots.unsqueeze_dim::<3>(1).expand([batch, routes, count]),
-                    };
-                    let slots = slots.reshape([batch * routes * count]);
-                    positions.table.clone().map(|t| {
-                        t.select(0, slots.clone())
-                            .reshape([batch, routes, count, dim_head])
-                    })
+            // The rotation at each routed token's position, [sequences, routes, count,
+            // dim_head], where the slots `[slot_batch, len]` serve `groups` sequences each.
+            let at = |slots: Tensor<B, 2, Int>,
+                      indices: &Option<Tensor<B, 3, Int>>,
+                      routes: usize,
+                      count: usize| {
+                let [slot_batch, len] = slots.dims();
+                let sequences = match indices {
+                    Some(indices) => indices.dims()[0],
+                    None => batch,
                 };
+                let groups = sequences / slot_batch;
+                let slots = match indices {
+                    Some(indices) => slots.gather(
+                        1,
+                        indices
+                            .clone()
+                            .reshape([slot_batch, groups * routes * count]),
+                    ),
+                    None => slots
+                        .reshape([slot_batch, 1, len])
+                        .expand([slot_batch, groups * routes, len])
+                        .reshape([slot_batch, groups * routes * len]),
+                };
+                let slots = slots.reshape([sequences * routes * count]);
+                positions.table.clone().map(|t| {
+                    t.select(0, slots.clone())
+                        .reshape([sequences, routes, count, dim_head])
+                })
+            };
             let q_rotation = at(positions.queries, &queries.indices, 1, q_count);
             let k_rotation = at(positions.keys, &keys.indices, routes, kv_count)
                 .map(|t| t.unsqueeze_dim::<5>(2));

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, Bool, Int, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 use super::attention::{HeavyBranch, HeavyInputs, RotaryPositions};
 use super::ConditionalRoutedAttentionConfig;
@@ -144,24 +144,23 @@ impl<B: CoorDescentBackend> ConditionalRoutedAutoregressiveAttention<B> {
             .expand([batch, blocks - 1, w])
             .reshape([query_rows, w]);
         let query_mask = query_positions.clone().lower_elem(n as i64);
-        // Block m sees the keys of blocks < m: position t is visible iff t < m·w.
-        let key_positions = positions.unsqueeze::<2>().expand([query_rows, padded]);
+        // Block m sees the keys of blocks < m: position t is visible iff t < m·w. The keys
+        // are the sequence itself, shared by the blocks: the key router scores each token
+        // once and each block routes among the scores of its prefix.
         let key_limits = Tensor::<B, 1, Int>::arange(1..blocks as i64, &device)
             .mul_scalar(w as i64)
-            .reshape([1, blocks - 1])
-            .expand([batch, blocks - 1])
-            .reshape([query_rows, 1]);
-        let key_mask: Tensor<B, 2, Bool> = key_positions
+            .reshape([blocks - 1, 1]);
+        let key_mask = positions
             .clone()
-            .lower(key_limits.expand([query_rows, padded]));
-        let keys = x
-            .unsqueeze_dim::<4>(1)
-            .expand([batch, blocks - 1, padded, dim])
-            .reshape([query_rows, padded, dim]);
+            .reshape([1, padded])
+            .expand([blocks - 1, padded])
+            .lower(key_limits.expand([blocks - 1, padded]))
+            .unsqueeze::<3>()
+            .expand([batch, blocks - 1, padded]);
         let rotary = self.rotary_dim.map(|dim_head| RotaryPositions {
             table: RotaryEmbedding::new(dim_head).forward(padded, &device),
             queries: query_positions,
-            keys: key_positions,
+            keys: positions.unsqueeze::<2>().expand([batch, padded]),
         });
         let heavy = HeavyBranch {
             null_q_token: self.null_q_token.as_ref(),
@@ -174,7 +173,7 @@ impl<B: CoorDescentBackend> ConditionalRoutedAutoregressiveAttention<B> {
             queries,
             query_mask: Some(query_mask),
             num_queries: self.num_heavy_tokens_q,
-            keys,
+            keys: x,
             key_mask: Some(key_mask),
             num_keys: self.num_heavy_tokens_kv,
             random_route,

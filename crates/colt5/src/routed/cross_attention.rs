@@ -142,7 +142,7 @@ impl<B: CoorDescentBackend> ConditionalRoutedCrossAttention<B> {
             query_mask: mask,
             num_queries: self.num_tokens_q,
             keys: context,
-            key_mask: context_mask,
+            key_mask: context_mask.map(|m| m.unsqueeze_dim::<3>(1)),
             num_keys: self.num_tokens_kv,
             random_route: false,
             rotary: None,

@@ -155,7 +155,7 @@ impl<B: CoorDescentBackend> ConditionalRoutedImageAttention<B> {
             query_mask: mask.clone(),
             num_queries: self.num_heavy_tokens_q,
             keys: windows,
-            key_mask: mask,
+            key_mask: mask.map(|m| m.unsqueeze_dim::<3>(1)),
             num_keys: self.num_heavy_tokens_kv,
             random_route: false,
             rotary: None,
