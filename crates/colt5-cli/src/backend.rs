@@ -53,3 +53,45 @@ fn cuda<J: Job>(job: J) -> Result<J::Output> {
 fn cuda<J: Job>(_job: J) -> Result<J::Output> {
     anyhow::bail!("this colt5 was built without CUDA support: rebuild with `--features cuda`")
 }
+
+/// The device memory `work` takes at its peak beyond what was allocated before it, on CUDA:
+/// the growth of the memory CubeCL's pools reserve, from a cleaned-up pool (an upper bound
+/// of the peak: pools reserve in pages). `None` on the CPU.
+pub fn peak_bytes<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    work: &dyn Fn() -> Result<()>,
+) -> Result<Option<u64>> {
+    let Some(reserved) = reserved_bytes::<B>(device) else {
+        return Ok(None);
+    };
+    B::sync(device).map_err(|e| anyhow::anyhow!("device synchronisation: {e:?}"))?;
+    B::memory_cleanup(device);
+    let before = reserved()?;
+    work()?;
+    B::sync(device).map_err(|e| anyhow::anyhow!("device synchronisation: {e:?}"))?;
+    Ok(Some(reserved()?.saturating_sub(before)))
+}
+
+/// A reader of the bytes the device's memory pools reserve, for CUDA devices.
+#[cfg(feature = "cuda")]
+fn reserved_bytes<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+) -> Option<impl Fn() -> Result<u64>> {
+    use cubecl::Runtime;
+    let device =
+        (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>()?;
+    let client = cubecl::cuda::CudaRuntime::client(device);
+    Some(move || {
+        Ok(client
+            .memory_usage()
+            .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?
+            .bytes_reserved)
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn reserved_bytes<B: burn::tensor::backend::Backend>(
+    _device: &B::Device,
+) -> Option<fn() -> Result<u64>> {
+    None
+}

@@ -28,6 +28,10 @@ enum BenchCommand {
     /// The fused coordinate-descent kernels (forward, forward+backward, memory) on the
     /// GPU, for the shapes of the reference's `bench_coor_descent.py`.
     Cd(crate::bench_cd::CdArgs),
+    /// One CoLT5 routed transformer block and a dense block of the same width (forward,
+    /// forward+backward, memory) for the configuration of the reference's
+    /// `bench_block.py`.
+    Block(crate::bench_block::BlockArgs),
 }
 
 /// Language-model configurations of the benchmark.
@@ -43,6 +47,10 @@ enum LmBench {
     RecipeCd,
     /// A CoLT5 LM of the small sizes: dim 256, depth 4, seq 256, 4 heads of 64, window 64.
     SmallColt5,
+    /// The long-context CoLT5 LM: dim 512, depth 1, the model's defaults otherwise (window
+    /// 64, 4 heads of 32, 64 heavy keys/values and 16 heavy feed-forward tokens per
+    /// window); sequences of 4 096 tokens unless `--seq-len` says otherwise.
+    Colt5,
 }
 
 impl LmBench {
@@ -78,6 +86,7 @@ impl LmBench {
                     .with_num_heavy_tokens_kv(64)
                     .with_num_heavy_ff_tokens(16),
             ),
+            LmBench::Colt5 => ModelConfig::Colt5(Colt5TransformerConfig::new(256, 512, 4096, 1)),
         }
     }
 }
@@ -93,6 +102,9 @@ struct LmArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Sequence lengths to time each configuration at (one row each), instead of its own.
+    #[arg(long, num_args = 1..)]
+    seq_len: Vec<usize>,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
@@ -103,6 +115,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.what {
         BenchCommand::Lm(args) => run_on(args.backend, LmJob(args)),
         BenchCommand::Cd(args) => crate::bench_cd::run(args),
+        BenchCommand::Block(args) => crate::bench_block::run(args),
     }
 }
 
@@ -122,50 +135,80 @@ impl Job for LmJob<'_> {
             "--steps and --batch must be at least 1"
         );
         println!(
-            "| config | batch x seq | s/step | tokens/s | {:?}, {} cores |",
+            "| config | batch x seq | s/step | tokens/s | MiB | {:?}, {} cores |",
             args.backend,
             cores()
         );
-        println!("|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|");
         for &bench in &args.configs {
-            let config = bench.config();
-            let seq_len = config.seq_len();
-            B::seed(device, 0);
-            let mut model: Lm<B> = config.init(device).context("benchmark model")?;
-            let mut optimizer = AdamConfig::new().init::<B, Lm<B>>();
-            let mut rng = ChaCha8Rng::seed_from_u64(0);
-            let ids: Vec<i64> = (0..args.batch * (seq_len + 1))
-                .map(|_| rng.random_range(0..256))
-                .collect();
-            let tokens = Tensor::<B, 2, Int>::from_data(
-                TensorData::new(ids, [args.batch, seq_len + 1]),
-                device,
-            );
-            let mut step = |model: Lm<B>| -> Result<Lm<B>> {
-                let loss = next_token_loss(&model, tokens.clone())?;
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                let model = optimizer.step(2e-4, model, grads);
-                // Wait for the device: the step is over when its parameters are.
-                B::sync(device).context("device synchronisation")?;
-                Ok(model)
+            let lengths = match args.seq_len.is_empty() {
+                true => vec![bench.config().seq_len()],
+                false => args.seq_len.clone(),
             };
-            model = step(model)?;
-            let started = Instant::now();
-            for _ in 0..args.steps {
-                model = step(model)?;
+            for seq_len in lengths {
+                anyhow::ensure!(seq_len > 0, "--seq-len must be at least 1");
+                let mut config = bench.config();
+                *config.sizes().seq_len = seq_len;
+                let (seconds, bytes) = time_steps::<B>(&config, args, device)?;
+                println!(
+                    "| {} | {}x{seq_len} | {seconds:.3} | {:.0} | {} | |",
+                    clap::ValueEnum::to_possible_value(&bench)
+                        .map(|v| v.get_name().to_string())
+                        .unwrap_or_default(),
+                    args.batch,
+                    (args.batch * seq_len) as f64 / seconds,
+                    bytes.map_or("–".into(), |b| format!(
+                        "{:.0}",
+                        b as f64 / (1u64 << 20) as f64
+                    )),
+                );
             }
-            let seconds = started.elapsed().as_secs_f64() / args.steps as f64;
-            println!(
-                "| {} | {}x{seq_len} | {seconds:.3} | {:.0} | |",
-                clap::ValueEnum::to_possible_value(&bench)
-                    .map(|v| v.get_name().to_string())
-                    .unwrap_or_default(),
-                args.batch,
-                (args.batch * seq_len) as f64 / seconds
-            );
         }
         Ok(())
     }
+}
+
+/// Seconds per training step of `config` (forward, backward, Adam) on random tokens, and
+/// the device memory one step takes beyond the model and optimizer state (CUDA).
+fn time_steps<B>(
+    config: &ModelConfig,
+    args: &LmArgs,
+    device: &B::Device,
+) -> Result<(f64, Option<u64>)>
+where
+    B: AutodiffBackend + CoorDescentBackend,
+    B::InnerBackend: CoorDescentBackend,
+{
+    let seq_len = config.seq_len();
+    B::seed(device, 0);
+    let model: Lm<B> = config.init(device).context("benchmark model")?;
+    let mut optimizer = AdamConfig::new().init::<B, Lm<B>>();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let ids: Vec<i64> = (0..args.batch * (seq_len + 1))
+        .map(|_| rng.random_range(0..256))
+        .collect();
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [args.batch, seq_len + 1]), device);
+    let mut step = |model: Lm<B>| -> Result<Lm<B>> {
+        let loss = next_token_loss(&model, tokens.clone())?;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let model = optimizer.step(2e-4, model, grads);
+        // Wait for the device: the step is over when its parameters are.
+        B::sync(device).context("device synchronisation")?;
+        Ok(model)
+    };
+    let mut model = step(model)?;
+    let started = Instant::now();
+    for _ in 0..args.steps {
+        model = step(model)?;
+    }
+    let seconds = started.elapsed().as_secs_f64() / args.steps as f64;
+    let bytes = crate::backend::peak_bytes::<B>(device, &|| {
+        let loss = next_token_loss(&model, tokens.clone())?;
+        drop(GradientsParams::from_grads(loss.backward(), &model));
+        Ok(())
+    })?;
+    Ok((seconds, bytes))
 }
 
 /// Cores available to the process (the CPU backend's thread count).

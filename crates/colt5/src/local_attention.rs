@@ -4,7 +4,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorData};
+use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, TensorData};
 
 use crate::attention::{merge_heads, split_heads};
 use crate::error::Error;
@@ -168,12 +168,10 @@ impl<B: Backend> LocalMha<B> {
         let k = self.look_around(to_windows(k));
         let v = self.look_around(to_windows(v));
 
-        let mut visible = Tensor::<B, 3, Bool>::from_data(
-            TensorData::new(self.band(windows), [windows, w, slots]),
-            &device,
-        )
-        .unsqueeze::<5>()
-        .expand([batch, self.heads, windows, w, slots]);
+        let mut visible = self
+            .band(windows, &device)
+            .unsqueeze::<5>()
+            .expand([batch, self.heads, windows, w, slots]);
         if let Some(mask) = mask {
             let mask = if padded == n {
                 mask
@@ -225,30 +223,42 @@ impl<B: Backend> LocalMha<B> {
 
     /// Which look-around slot each query may see, `[windows, W, slots]`: the slot must lie
     /// inside the sequence and, per the options, before the query (causal) and inside the
-    /// exact band.
-    fn band(&self, windows: usize) -> Vec<bool> {
+    /// exact band. Built on the device from position ranges.
+    fn band(&self, windows: usize, device: &B::Device) -> Tensor<B, 3, Bool> {
         let (w, lb, lf) = (
             self.window as i64,
             self.look_backward as i64,
             self.look_forward as i64,
         );
         let slots = (lb + lf + 1) * w;
-        let mut visible = Vec::with_capacity((windows as i64 * w * slots) as usize);
-        for window in 0..windows as i64 {
-            for r in 0..w {
-                let i = window * w + r;
-                for s in 0..slots {
-                    let key_window = window - lb + s / w;
-                    let p = (window - lb) * w + s;
-                    let mut ok = (0..windows as i64).contains(&key_window);
-                    if self.causal {
-                        ok &= p <= i && !(self.exact && i > p + w * lb);
-                    } else if self.exact {
-                        ok &= p <= i + w * lf && p >= i - w * lb;
-                    }
-                    visible.push(ok);
-                }
+        let shape = [windows, self.window, slots as usize];
+        let range =
+            |end: i64, dims: [usize; 3]| Tensor::<B, 1, Int>::arange(0..end, device).reshape(dims);
+        let window = range(windows as i64, [windows, 1, 1]);
+        let slot = range(slots, [1, 1, slots as usize]);
+        // Query i = window·W + r; slot s holds position p = (window − lb)·W + s of window
+        // window − lb + s / W.
+        let query = (window.clone().mul_scalar(w) + range(w, [1, self.window, 1])).expand(shape);
+        let key_window = window.clone().sub_scalar(lb) + slot.clone().div_scalar(w);
+        let position = (window.sub_scalar(lb).mul_scalar(w) + slot).expand(shape);
+        let mut visible = key_window
+            .clone()
+            .greater_equal_elem(0)
+            .bool_and(key_window.lower_elem(windows as i64))
+            .expand(shape);
+        if self.causal {
+            visible = visible.bool_and(position.clone().lower_equal(query.clone()));
+            if self.exact {
+                visible = visible.bool_and(query.lower_equal(position.add_scalar(w * lb)));
             }
+        } else if self.exact {
+            visible = visible
+                .bool_and(
+                    position
+                        .clone()
+                        .lower_equal(query.clone().add_scalar(w * lf)),
+                )
+                .bool_and(position.greater_equal(query.sub_scalar(w * lb)));
         }
         visible
     }

@@ -471,6 +471,7 @@ fn top_k_selects_the_largest_in_order() {
         let tensor =
             Tensor::<Gpu, 2>::from_data(TensorData::new(values.clone(), [rows, n]), &device);
         let got: Vec<i64> = top_k_indices(tensor, k)
+            .unwrap()
             .into_data()
             .convert::<i64>()
             .to_vec()

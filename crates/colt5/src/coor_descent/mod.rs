@@ -291,18 +291,37 @@ pub trait CoorDescentBackend: Backend {
     }
 
     /// Positions of the `k` largest entries of every row of `values: [rows, n]`
-    /// (1 ≤ k ≤ n): `[rows, k]`, in descending order of value. Routers select their tokens
-    /// with it. The default sorts each row with burn's `sort`, which backends without a
-    /// sort of their own run on the host; CubeCL backends select on the device.
+    /// (1 ≤ k ≤ n): `[rows, k]`, in descending order of value, the lower position first
+    /// among equal values. Routers select their tokens with it. The default selects on the
+    /// host; CubeCL backends select on the device.
     fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         portable_top_k_indices::<Self>(values, k)
     }
 }
 
-/// Top-k positions through burn's sort.
+/// Top-k positions on the host, with the device kernel's order: larger values first, the
+/// lower position first among equal values (routers' scores saturate at exactly 1, so ties
+/// at the k-th place are common and must be broken the same way on every backend).
 fn portable_top_k_indices<B: Backend>(values: FloatTensor<B>, k: usize) -> IntTensor<B> {
-    let (_, indices) = float::<B>(values).topk_with_indices(k, 1);
-    indices.into_primitive()
+    let values = float::<B>(values);
+    let [rows, n] = values.dims();
+    let device = values.device();
+    let host = values.into_data().convert::<f32>();
+    let host = host.as_slice::<f32>().expect("f32 data");
+    let mut indices = Vec::with_capacity(rows * k);
+    let mut order: Vec<u32> = Vec::with_capacity(n);
+    for row in host.chunks(n) {
+        order.clear();
+        order.extend(0..n as u32);
+        let before =
+            |&a: &u32, &b: &u32| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b));
+        if k < n {
+            order.select_nth_unstable_by(k - 1, before);
+        }
+        order[..k].sort_unstable_by(before);
+        indices.extend(order[..k].iter().map(|&i| i as i64));
+    }
+    Tensor::<B, 2, Int>::from_data(TensorData::new(indices, [rows, k]), &device).into_primitive()
 }
 
 /// The positions of the `k` largest entries of `values: [..., n]` over its last axis,

@@ -1,0 +1,483 @@
+//! `colt5 bench block`: one CoLT5 routed transformer block, and a dense pre-norm block of
+//! the same width, timed as the reference's `bench_block.py` times its own.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::{
+    activation::gelu, backend::AutodiffBackend, backend::Backend, Distribution, Tensor,
+};
+use colt5::attend::AttendConfig;
+use colt5::attention::AttentionInputs;
+use colt5::coor_descent::{coor_descent, top_k_indices, CoorDescentBackend, CoorDescentConfig};
+use colt5::routed::{
+    ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
+    ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerBlockConfig,
+};
+use colt5::router::{CoordinateDescentRouterConfig, RouteOptions};
+
+use crate::backend::{run_on, BackendKind, Job};
+
+/// Width, heads and head width of both blocks (bench_block.py's).
+const DIM: usize = 512;
+const HEADS: usize = 8;
+const DIM_HEAD: usize = 64;
+
+/// Arguments of `colt5 bench block`.
+#[derive(clap::Args, Debug)]
+pub struct BlockArgs {
+    /// Sequence lengths (batch 1).
+    #[arg(long, num_args = 1.., default_values_t = [4096, 16384, 65536])]
+    seqs: Vec<usize>,
+    /// Blocks to time.
+    #[arg(long, value_enum, num_args = 1.., default_values = ["colt5", "dense"])]
+    models: Vec<BlockModel>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Also time each stage of the CoLT5 block on its own (forward and forward+backward),
+    /// in a second table: the profile of where the block's time goes.
+    #[arg(long)]
+    profile: bool,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    backend: BackendKind,
+}
+
+/// The blocks of the benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum BlockModel {
+    /// `ConditionalRoutedTransformerBlock` as bench_block.py builds it: light LocalMHA
+    /// (8 × 64, window 128, ff mult 0.5), heavy attention 8 × 64 and ff mult 4, seq/16
+    /// heavy tokens for queries, keys/values and the feed-forward, routers of 20
+    /// iterations (eps 0.03 from 4, decay 0.7).
+    Colt5,
+    /// Pre-norm block: x + MHA(LN(x)) (non-causal, full attention), x + FF(LN(x)), GELU,
+    /// ff mult 4.
+    Dense,
+}
+
+/// Runs `colt5 bench block`.
+pub fn run(args: &BlockArgs) -> Result<()> {
+    anyhow::ensure!(args.reps > 0, "--reps must be at least 1");
+    anyhow::ensure!(
+        args.seqs.iter().all(|&s| s >= 16),
+        "--seqs must be at least 16 (a sixteenth of the tokens is routed)"
+    );
+    run_on(args.backend, BlockJob(args))
+}
+
+struct BlockJob<'a>(&'a BlockArgs);
+
+impl Job for BlockJob<'_> {
+    type Output = ();
+
+    fn run<B>(self, device: &B::Device) -> Result<()>
+    where
+        B: AutodiffBackend + CoorDescentBackend,
+        B::InnerBackend: CoorDescentBackend,
+    {
+        let args = self.0;
+        println!("device: {:?}, f32", args.backend);
+        println!("| model | seq | dtype | fwd ms | f+b ms | fwd MiB | f+b MiB | params (M) |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut profiles = Vec::new();
+        for &seq in &args.seqs {
+            for &model in &args.models {
+                B::seed(device, 0);
+                let x =
+                    Tensor::<B, 3>::random([1, seq, DIM], Distribution::Normal(0.0, 1.0), device);
+                let g =
+                    Tensor::<B, 3>::random([1, seq, DIM], Distribution::Normal(0.0, 1.0), device);
+                let name = match model {
+                    BlockModel::Colt5 => "colt5",
+                    BlockModel::Dense => "dense",
+                };
+                let row = match model {
+                    BlockModel::Colt5 => {
+                        let block = colt5_block::<B>(seq, device)?;
+                        let inference = block.valid();
+                        let params = block.num_params();
+                        let row = measure::<B>(
+                            device,
+                            args.reps,
+                            params,
+                            &x,
+                            &g,
+                            |x| Ok(inference.forward(x, None)?),
+                            |x| Ok(block.forward(x, None)?),
+                        );
+                        if args.profile {
+                            profiles
+                                .push((seq, profile::<B>(&block, seq, &x, &g, device, args.reps)?));
+                        }
+                        row
+                    }
+                    BlockModel::Dense => {
+                        // Full attention keeps heads · n² logits (and their softmax for the
+                        // backward): skip lengths where those alone pass 32 GiB.
+                        let logits = HEADS as f64 * (seq as f64).powi(2) * 4.0;
+                        if logits > 32.0 * (1u64 << 30) as f64 {
+                            println!(
+                                "| dense | {seq} | fp32 | – | – | – | – | – | skipped: {:.0} GiB of logits |",
+                                logits / (1u64 << 30) as f64
+                            );
+                            continue;
+                        }
+                        let block = DenseBlock::<B>::new(device);
+                        let inference = block.valid();
+                        let params = block.num_params();
+                        measure::<B>(
+                            device,
+                            args.reps,
+                            params,
+                            &x,
+                            &g,
+                            |x| Ok(inference.forward(x)),
+                            |x| Ok(block.forward(x)),
+                        )
+                    }
+                };
+                match row {
+                    Ok(m) => println!(
+                        "| {name} | {seq} | fp32 | {:.2} | {:.2} | {} | {} | {:.2} |",
+                        m.forward_ms,
+                        m.forward_backward_ms,
+                        mib(m.forward_bytes),
+                        mib(m.forward_backward_bytes),
+                        m.params as f64 / 1e6
+                    ),
+                    Err(error) => {
+                        println!("| {name} | {seq} | fp32 | – | – | – | – | – | error: {error:#} |")
+                    }
+                }
+            }
+        }
+        for (seq, stages) in profiles {
+            println!();
+            println!("Stages of the CoLT5 block at {seq} tokens, each timed on its own:");
+            println!("| stage | fwd ms (autodiff graph) | f+b ms |");
+            println!("|---|---|---|");
+            for (stage, forward_ms, forward_backward_ms) in stages {
+                println!("| {stage} | {forward_ms:.3} | {forward_backward_ms:.3} |");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("–".into(), |b| {
+        format!("{:.0}", b as f64 / (1u64 << 20) as f64)
+    })
+}
+
+/// The CoLT5 block of bench_block.py at `seq` tokens.
+fn colt5_block<B: Backend>(
+    seq: usize,
+    device: &B::Device,
+) -> Result<ConditionalRoutedTransformerBlock<B>> {
+    let heavy = seq / 16;
+    let router = CoordinateDescentRouterConfig::new(DIM).with_n_iters(20);
+    let attention = ConditionalRoutedAttentionConfig::new(DIM, heavy, heavy)
+        .with_light_heads(HEADS)
+        .with_light_dim_head(DIM_HEAD)
+        .with_light_window_size(128)
+        .with_heavy_heads(HEADS)
+        .with_heavy_dim_head(DIM_HEAD)
+        .with_router(router.clone());
+    let feed_forward = ConditionalRoutedFeedForwardConfig::new(DIM, heavy).with_router(router);
+    ConditionalRoutedTransformerBlockConfig::new(attention, feed_forward)
+        .init(device)
+        .context("the CoLT5 block")
+}
+
+/// One row of the table.
+struct Measured {
+    forward_ms: f64,
+    forward_backward_ms: f64,
+    forward_bytes: Option<u64>,
+    forward_backward_bytes: Option<u64>,
+    params: usize,
+}
+
+/// Times `forward` (on the inner backend, no autodiff) and `forward_backward`'s forward
+/// + backward of sum(out · g) on autodiff, and the device memory each takes beyond what
+/// was allocated before.
+fn measure<B: AutodiffBackend>(
+    device: &B::Device,
+    reps: usize,
+    params: usize,
+    x: &Tensor<B, 3>,
+    g: &Tensor<B, 3>,
+    forward: impl Fn(Tensor<B::InnerBackend, 3>) -> Result<Tensor<B::InnerBackend, 3>>,
+    forward_backward: impl Fn(Tensor<B, 3>) -> Result<Tensor<B, 3>>,
+) -> Result<Measured> {
+    let run_forward = || -> Result<()> {
+        drop(forward(x.clone().inner())?);
+        Ok(())
+    };
+    let run_both = || -> Result<()> {
+        let input = x.clone().detach().require_grad();
+        let out = forward_backward(input)?;
+        drop((out * g.clone()).sum().backward());
+        Ok(())
+    };
+    let forward_ms = median_ms::<B>(device, reps, &run_forward)?;
+    let forward_backward_ms = median_ms::<B>(device, reps, &run_both)?;
+    Ok(Measured {
+        forward_ms,
+        forward_backward_ms,
+        forward_bytes: crate::backend::peak_bytes::<B>(device, &run_forward)?,
+        forward_backward_bytes: crate::backend::peak_bytes::<B>(device, &run_both)?,
+        params,
+    })
+}
+
+/// Median milliseconds of `work` (each run ends with a device synchronisation) after two
+/// warm-up runs.
+fn median_ms<B: Backend>(
+    device: &B::Device,
+    reps: usize,
+    work: &dyn Fn() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..2 {
+        work()?;
+    }
+    B::sync(device).context("device synchronisation")?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let started = Instant::now();
+        work()?;
+        B::sync(device).context("device synchronisation")?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[reps / 2])
+}
+
+/// Each stage of the block on inputs of its shape: (stage, fwd ms, f+b ms).
+fn profile<B>(
+    block: &ConditionalRoutedTransformerBlock<B>,
+    seq: usize,
+    x: &Tensor<B, 3>,
+    g: &Tensor<B, 3>,
+    device: &B::Device,
+    reps: usize,
+) -> Result<Vec<(&'static str, f64, f64)>>
+where
+    B: AutodiffBackend + CoorDescentBackend,
+    B::InnerBackend: CoorDescentBackend,
+{
+    let heavy = seq / 16;
+    let attn = &block.conditional_attn;
+    let ff = &block.conditional_ff;
+    let routed = x.clone().narrow(1, 0, heavy);
+    let g_routed = g.clone().narrow(1, 0, heavy);
+    let scores = x.clone().narrow(2, 0, 1).reshape([1, seq]);
+    let g_scores = g.clone().narrow(2, 0, 1).reshape([1, seq]);
+    let soft_top_k = CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7).with_validate(false);
+    let k = heavy as f64 * 1.125;
+    type Stage<'a, B> = (
+        &'static str,
+        Box<dyn Fn(Tensor<B, 3>) -> Result<Tensor<B, 3>> + 'a>,
+        bool,
+    );
+    let stages: Vec<Stage<'_, B>> = vec![
+        (
+            "attention: light local attention",
+            Box::new(|x| Ok(attn.light_attn.forward(x, None)?)),
+            false,
+        ),
+        (
+            "attention: query router",
+            Box::new(|x| {
+                Ok(attn
+                    .q_router
+                    .forward(x, heavy, RouteOptions::default())?
+                    .routed_tokens
+                    .squeeze_dim(1))
+            }),
+            false,
+        ),
+        (
+            "attention: heavy attention (routed tokens)",
+            Box::new(|q: Tensor<B, 3>| {
+                let context = q.clone().unsqueeze_dim::<4>(1);
+                Ok(attn.heavy_attn.forward(
+                    q,
+                    AttentionInputs {
+                        context: Some(context),
+                        ..Default::default()
+                    },
+                )?)
+            }),
+            true,
+        ),
+        (
+            "attention: whole layer",
+            Box::new(|x| Ok(attn.forward(x, None)?)),
+            false,
+        ),
+        (
+            "feed-forward: light",
+            Box::new(|x| Ok(ff.light_ff.forward(x))),
+            false,
+        ),
+        (
+            "feed-forward: router",
+            Box::new(|x| {
+                Ok(ff
+                    .router
+                    .forward(x, heavy, RouteOptions::default())?
+                    .routed_tokens
+                    .squeeze_dim(1))
+            }),
+            false,
+        ),
+        (
+            "feed-forward: heavy (routed tokens)",
+            Box::new(|x| Ok(ff.heavy_ff.forward(x))),
+            true,
+        ),
+        (
+            "feed-forward: whole layer",
+            Box::new(|x| Ok(ff.forward(x, None, None)?)),
+            false,
+        ),
+        (
+            "soft top-k of one row",
+            Box::new(|s: Tensor<B, 3>| {
+                Ok(coor_descent(s.reshape([1, seq]), k, None, &soft_top_k)?.reshape([1, 1, seq]))
+            }),
+            false,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, stage, on_routed) in &stages {
+        let (input, grad) = match (on_routed, *name == "soft top-k of one row") {
+            (true, _) => (routed.clone(), g_routed.clone()),
+            (false, true) => (
+                scores.clone().reshape([1, 1, seq]),
+                g_scores.clone().reshape([1, 1, seq]),
+            ),
+            (false, false) => (x.clone(), g.clone()),
+        };
+        let forward = || -> Result<()> {
+            drop(stage(input.clone().detach())?);
+            Ok(())
+        };
+        let forward_backward = || -> Result<()> {
+            let out = stage(input.clone().detach().require_grad())?;
+            let grad = grad
+                .clone()
+                .narrow(1, 0, out.dims()[1])
+                .narrow(2, 0, out.dims()[2]);
+            drop((out * grad).sum().backward());
+            Ok(())
+        };
+        let measured = median_ms::<B>(device, reps, &forward)
+            .and_then(|f| Ok((f, median_ms::<B>(device, reps, &forward_backward)?)));
+        let measured = match measured {
+            Ok(m) => m,
+            Err(error) => {
+                println!("profile stage {name}: {error:#}");
+                continue;
+            }
+        };
+        rows.push((*name, measured.0, measured.1));
+    }
+    let top_k_ms = median_ms::<B>(device, reps, &|| {
+        let indices = top_k_indices(scores.clone().inner(), heavy)?;
+        drop(indices);
+        Ok(())
+    })?;
+    rows.push((
+        "top-k selection of one row (no gradient)",
+        top_k_ms,
+        top_k_ms,
+    ));
+    Ok(rows)
+}
+
+/// x + MHA(LN(x)), then x + FF(LN(x)): bench_block.py's `DenseBlock`.
+#[derive(Module, Debug)]
+struct DenseBlock<B: Backend> {
+    norm1: LayerNorm<B>,
+    norm2: LayerNorm<B>,
+    to_qkv: Linear<B>,
+    to_out: Linear<B>,
+    ff_in: Linear<B>,
+    ff_out: Linear<B>,
+}
+
+impl<B: Backend> DenseBlock<B> {
+    fn new(device: &B::Device) -> Self {
+        let inner = HEADS * DIM_HEAD;
+        DenseBlock {
+            norm1: LayerNormConfig::new(DIM).init(device),
+            norm2: LayerNormConfig::new(DIM).init(device),
+            to_qkv: LinearConfig::new(DIM, 3 * inner)
+                .with_bias(false)
+                .init(device),
+            to_out: LinearConfig::new(inner, DIM).with_bias(false).init(device),
+            ff_in: LinearConfig::new(DIM, 4 * DIM).init(device),
+            ff_out: LinearConfig::new(4 * DIM, DIM).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, n, _] = x.dims();
+        let qkv = self
+            .to_qkv
+            .forward(self.norm1.forward(x.clone()))
+            .reshape([batch, n, 3, HEADS, DIM_HEAD]);
+        let part = |i| {
+            qkv.clone()
+                .narrow(2, i, 1)
+                .reshape([batch, n, HEADS, DIM_HEAD])
+                .swap_dims(1, 2)
+        };
+        let out = AttendConfig::new()
+            .init()
+            .forward(part(0), part(1), part(2), None)
+            .expect("q, k and v of one shape");
+        let x = x + self
+            .to_out
+            .forward(out.swap_dims(1, 2).reshape([batch, n, HEADS * DIM_HEAD]));
+        let hidden = gelu(self.ff_in.forward(self.norm2.forward(x.clone())));
+        x + self.ff_out.forward(hidden)
+    }
+}
+
+/// Checks the CoLT5 block's configuration on CPU at a small length (the command's logic).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+
+    #[test]
+    fn the_benchmark_blocks_run_and_time_on_cpu() {
+        type B = Autodiff<NdArray<f32>>;
+        let device = Default::default();
+        let x = Tensor::<B, 3>::random([1, 256, DIM], Distribution::Normal(0.0, 1.0), &device);
+        let block = colt5_block::<B>(256, &device).unwrap();
+        let inference = block.valid();
+        let m = measure::<B>(
+            &device,
+            1,
+            block.num_params(),
+            &x,
+            &x,
+            |x| Ok(inference.forward(x, None)?),
+            |x| Ok(block.forward(x, None)?),
+        )
+        .unwrap();
+        assert!(m.forward_ms > 0.0 && m.forward_backward_ms > 0.0);
+        assert!(m.params > 3_000_000);
+        let dense = DenseBlock::<B>::new(&device);
+        assert_eq!(dense.forward(x).dims(), [1, 256, DIM]);
+    }
+}
