@@ -102,9 +102,9 @@ pub fn top_k_rows<F: Float, I: Int>(
             let mut above = 0u32;
             let mut chosen = 0u32;
             let mut searching = true;
-            let mut b = BINS;
-            while searching && b > 0usize {
-                b -= 1usize;
+            let mut from_top = 0usize;
+            while searching && from_top < BINS {
+                let b = BINS - 1usize - from_top;
                 let count = histogram[b].load();
                 if above + count >= remaining {
                     chosen = b as u32;
@@ -112,6 +112,7 @@ pub fn top_k_rows<F: Float, I: Int>(
                 } else {
                     above += count;
                 }
+                from_top += 1usize;
             }
             found[0usize] = prefix | (chosen << shift);
             found[1usize] = remaining - above;

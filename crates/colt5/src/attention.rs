@@ -92,9 +92,9 @@ impl<B: Backend> SelfAttention<B> {
             Some(norm) => norm.forward(x),
             None => x,
         };
-        let [q, k, v] = split_heads(self.to_qkv.forward(x), self.heads);
+        let [q, k, v] = split_heads(crate::linear::forward(&self.to_qkv, x), self.heads);
         let out = self.attend.forward(q, k, v, None)?;
-        Ok(self.to_out.forward(merge_heads(out)))
+        Ok(crate::linear::forward(&self.to_out, merge_heads(out)))
     }
 }
 
@@ -241,7 +241,7 @@ impl<B: Backend> Attention<B> {
             });
         }
         let per_route = heads / routes;
-        let [mut q] = split_heads::<B, 1>(self.to_q.forward(x), heads);
+        let [mut q] = split_heads::<B, 1>(crate::linear::forward(&self.to_q, x), heads);
         if let Some(scores) = inputs.scores_q {
             q = q * scores.reshape([batch, 1, queries, 1]);
         }
@@ -293,6 +293,6 @@ impl<B: Backend> Attention<B> {
             Tensor::cat(vec![null_visible, mask], 3)
         });
         let out = self.attend.forward(q, k, v, mask)?;
-        Ok(self.to_out.forward(merge_heads(out)))
+        Ok(crate::linear::forward(&self.to_out, merge_heads(out)))
     }
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod feed_forward;
 pub mod golden;
 pub mod import;
+mod linear;
 pub mod lm;
 pub mod local_attention;
 pub mod norm;

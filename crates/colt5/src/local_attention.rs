@@ -148,7 +148,7 @@ impl<B: Backend> LocalMha<B> {
             Some(norm) => norm.forward(x),
             None => x,
         };
-        let [q, k, v] = split_heads::<B, 3>(self.to_qkv.forward(x), self.heads);
+        let [q, k, v] = split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x), self.heads);
         let dim_head = q.dims()[3];
         let (w, lb, lf) = (self.window, self.look_backward, self.look_forward);
         let windows = n.div_ceil(w);
@@ -196,7 +196,7 @@ impl<B: Backend> LocalMha<B> {
         let out = out
             .reshape([batch, self.heads, padded, dim_head])
             .narrow(2, 0, n);
-        Ok(self.to_out.forward(merge_heads(out)))
+        Ok(crate::linear::forward(&self.to_out, merge_heads(out)))
     }
 
     /// `[.., windows, W, d]` → `[.., windows, (lb + lf + 1)·W, d]`: each window followed by its

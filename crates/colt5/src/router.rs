@@ -276,8 +276,22 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
         };
         let routed_len = blocks * block;
         let x_routed = x.clone().narrow(1, 0, routed_len);
+        // The routing tokens' gradient sums over the tokens: computed per chunk of tokens
+        // (see `crate::linear`).
+        let (chunks, chunk) = match crate::linear::chunk_len(routed_len) {
+            Some(chunk) => (routed_len / chunk, chunk),
+            None => (1, routed_len),
+        };
         let mut scores = features(x_routed)
-            .matmul(features(tokens).swap_dims(1, 2))
+            .reshape([batch * chunks, chunk, dim])
+            .matmul(
+                features(tokens)
+                    .unsqueeze_dim::<4>(1)
+                    .expand([batch, chunks, routes, dim])
+                    .reshape([batch * chunks, routes, dim])
+                    .swap_dims(1, 2),
+            )
+            .reshape([batch, routed_len, routes])
             .swap_dims(1, 2);
         if let Some(scale) = self.cosine_sim_scale {
             scores = scores.mul_scalar(scale);

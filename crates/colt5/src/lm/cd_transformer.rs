@@ -292,7 +292,8 @@ impl<B: CoorDescentBackend> CdAttention<B> {
         let [batch, queries, _] = x.dims();
         let device = x.device();
         let x = self.norm.forward(x);
-        let [q, mut k, mut v] = split_heads::<B, 3>(self.to_qkv.forward(x.clone()), self.heads);
+        let [q, mut k, mut v] =
+            split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x.clone()), self.heads);
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.take() {
                 k = Tensor::cat(vec![past_k, k], 2);
@@ -349,19 +350,22 @@ impl<B: CoorDescentBackend> CdAttention<B> {
                 3,
             ),
         };
-        Ok(self.to_out.forward(merge_heads(attn.matmul(v))))
+        Ok(crate::linear::forward(
+            &self.to_out,
+            merge_heads(attn.matmul(v)),
+        ))
     }
 }
 
 impl<B: CoorDescentBackend> CdFeedForward<B> {
     /// Applies the feed-forward to `[batch, n, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> crate::Result<Tensor<B, 3>> {
-        let hidden = self.proj_in.forward(self.norm.forward(x));
+        let hidden = crate::linear::forward(&self.proj_in, self.norm.forward(x));
         let hidden = match self.sparsity_k {
             Some(k) => coor_descent(hidden, k, None, &self.coor_descent)?,
             None => exact_gelu(hidden),
         };
-        Ok(self.proj_out.forward(hidden))
+        Ok(crate::linear::forward(&self.proj_out, hidden))
     }
 }
 
@@ -401,7 +405,10 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
             x = layer.feed_forward.forward(x.clone())? + x;
         }
         cache.len += n;
-        Ok(self.to_logits.forward(self.logits_norm.forward(x)))
+        Ok(crate::linear::forward(
+            &self.to_logits,
+            self.logits_norm.forward(x),
+        ))
     }
 }
 

@@ -225,7 +225,10 @@ impl<B: CoorDescentBackend> LanguageModel<B> for Colt5Transformer<B> {
         for layer in &self.layers {
             x = layer.forward(x, self.window)?;
         }
-        Ok(self.to_logits.forward(self.logits_norm.forward(x)))
+        Ok(crate::linear::forward(
+            &self.to_logits,
+            self.logits_norm.forward(x),
+        ))
     }
 
     fn seq_len(&self) -> usize {
