@@ -16,7 +16,7 @@ use colt5::routed::{
     ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
     ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerBlockConfig,
 };
-use colt5::router::{CoordinateDescentRouterConfig, RouteOptions};
+use colt5::router::{CoordinateDescentRouterConfig, RouteOptions, RouterOutput};
 
 use crate::backend::{run_on, BackendKind, Job};
 
@@ -161,7 +161,11 @@ impl Job for BlockJob<'_> {
             println!("| stage | fwd ms (autodiff graph) | f+b ms |");
             println!("|---|---|---|");
             for (stage, forward_ms, forward_backward_ms) in stages {
-                println!("| {stage} | {forward_ms:.3} | {forward_backward_ms:.3} |");
+                let forward_backward = match forward_backward_ms.is_nan() {
+                    true => "–".to_string(),
+                    false => format!("{forward_backward_ms:.3}"),
+                };
+                println!("| {stage} | {forward_ms:.3} | {forward_backward} |");
             }
         }
         Ok(())
@@ -274,130 +278,124 @@ where
     let heavy = seq / 16;
     let attn = &block.conditional_attn;
     let ff = &block.conditional_ff;
-    let routed = x.clone().narrow(1, 0, heavy);
-    let g_routed = g.clone().narrow(1, 0, heavy);
-    let scores = x.clone().narrow(2, 0, 1).reshape([1, seq]);
-    let g_scores = g.clone().narrow(2, 0, 1).reshape([1, seq]);
     let soft_top_k = CoorDescentConfig::iterations(20, 0.03, Some(4.0), 0.7).with_validate(false);
-    let k = heavy as f64 * 1.125;
+    // Each stage's input and output gradient: the block's input, its first seq/16 tokens
+    // (what the heavy branches see), or one router score per token.
+    let tokens = (x.clone(), g.clone());
+    let routed = (x.clone().narrow(1, 0, heavy), g.clone().narrow(1, 0, heavy));
+    let scores = (x.clone().narrow(2, 0, 1), g.clone().narrow(2, 0, 1));
+    let routed_tokens = |output: RouterOutput<B>| output.routed_tokens.squeeze_dim::<3>(1);
     type Stage<'a, B> = (
         &'static str,
+        (Tensor<B, 3>, Tensor<B, 3>),
         Box<dyn Fn(Tensor<B, 3>) -> Result<Tensor<B, 3>> + 'a>,
-        bool,
     );
     let stages: Vec<Stage<'_, B>> = vec![
         (
             "attention: light local attention",
+            tokens.clone(),
             Box::new(|x| Ok(attn.light_attn.forward(x, None)?)),
-            false,
         ),
         (
             "attention: query router",
+            tokens.clone(),
             Box::new(|x| {
-                Ok(attn
-                    .q_router
-                    .forward(x, heavy, RouteOptions::default())?
-                    .routed_tokens
-                    .squeeze_dim(1))
+                Ok(routed_tokens(attn.q_router.forward(
+                    x,
+                    heavy,
+                    RouteOptions::default(),
+                )?))
             }),
-            false,
         ),
         (
             "attention: heavy attention (routed tokens)",
+            routed.clone(),
             Box::new(|q: Tensor<B, 3>| {
-                let context = q.clone().unsqueeze_dim::<4>(1);
-                Ok(attn.heavy_attn.forward(
-                    q,
-                    AttentionInputs {
-                        context: Some(context),
-                        ..Default::default()
-                    },
-                )?)
+                let context = Some(q.clone().unsqueeze_dim::<4>(1));
+                let inputs = AttentionInputs {
+                    context,
+                    ..Default::default()
+                };
+                Ok(attn.heavy_attn.forward(q, inputs)?)
             }),
-            true,
         ),
         (
             "attention: whole layer",
+            tokens.clone(),
             Box::new(|x| Ok(attn.forward(x, None)?)),
-            false,
         ),
         (
             "feed-forward: light",
+            tokens.clone(),
             Box::new(|x| Ok(ff.light_ff.forward(x))),
-            false,
         ),
         (
             "feed-forward: router",
+            tokens.clone(),
             Box::new(|x| {
-                Ok(ff
-                    .router
-                    .forward(x, heavy, RouteOptions::default())?
-                    .routed_tokens
-                    .squeeze_dim(1))
+                Ok(routed_tokens(ff.router.forward(
+                    x,
+                    heavy,
+                    RouteOptions::default(),
+                )?))
             }),
-            false,
         ),
         (
             "feed-forward: heavy (routed tokens)",
+            routed,
             Box::new(|x| Ok(ff.heavy_ff.forward(x))),
-            true,
         ),
         (
             "feed-forward: whole layer",
+            tokens,
             Box::new(|x| Ok(ff.forward(x, None, None)?)),
-            false,
         ),
         (
             "soft top-k of one row",
+            scores.clone(),
             Box::new(|s: Tensor<B, 3>| {
-                Ok(coor_descent(s.reshape([1, seq]), k, None, &soft_top_k)?.reshape([1, 1, seq]))
+                Ok(
+                    coor_descent(s.swap_dims(1, 2), heavy as f64 * 1.125, None, &soft_top_k)?
+                        .swap_dims(1, 2),
+                )
             }),
-            false,
         ),
     ];
     let mut rows = Vec::new();
-    for (name, stage, on_routed) in &stages {
-        let (input, grad) = match (on_routed, *name == "soft top-k of one row") {
-            (true, _) => (routed.clone(), g_routed.clone()),
-            (false, true) => (
-                scores.clone().reshape([1, 1, seq]),
-                g_scores.clone().reshape([1, 1, seq]),
-            ),
-            (false, false) => (x.clone(), g.clone()),
-        };
+    for (name, (input, grad), stage) in &stages {
         let forward = || -> Result<()> {
             drop(stage(input.clone().detach())?);
             Ok(())
         };
         let forward_backward = || -> Result<()> {
             let out = stage(input.clone().detach().require_grad())?;
-            let grad = grad
-                .clone()
-                .narrow(1, 0, out.dims()[1])
-                .narrow(2, 0, out.dims()[2]);
-            drop((out * grad).sum().backward());
+            // Routers return fewer tokens than they take: g is cut to the output's shape.
+            let [_, n, d] = out.dims();
+            drop(
+                (out * grad.clone().narrow(1, 0, n).narrow(2, 0, d))
+                    .sum()
+                    .backward(),
+            );
             Ok(())
         };
-        let measured = median_ms::<B>(device, reps, &forward)
+        let times = median_ms::<B>(device, reps, &forward)
             .and_then(|f| Ok((f, median_ms::<B>(device, reps, &forward_backward)?)));
-        let measured = match measured {
-            Ok(m) => m,
-            Err(error) => {
-                println!("profile stage {name}: {error:#}");
-                continue;
+        match times {
+            Ok((forward_ms, forward_backward_ms)) => {
+                rows.push((*name, forward_ms, forward_backward_ms))
             }
-        };
-        rows.push((*name, measured.0, measured.1));
+            Err(error) => println!("profile stage {name}: {error:#}"),
+        }
     }
+    let scores = scores.0.inner().reshape([1, seq]);
     let top_k_ms = median_ms::<B>(device, reps, &|| {
-        let indices = top_k_indices(scores.clone().inner(), heavy)?;
-        drop(indices);
+        drop(top_k_indices(scores.clone(), heavy)?);
         Ok(())
     })?;
     rows.push((
         "top-k selection of one row (no gradient)",
         top_k_ms,
-        top_k_ms,
+        f64::NAN,
     ));
     Ok(rows)
 }
