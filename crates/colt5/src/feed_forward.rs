@@ -64,8 +64,10 @@ impl FeedForwardConfig {
 impl<B: Backend> FeedForward<B> {
     /// Applies the block to every position.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let hidden = exact_gelu(crate::linear::forward(&self.proj_in, self.norm.forward(x)));
-        crate::linear::forward(&self.proj_out, hidden)
+        crate::linear::by_chunks(x, |x| {
+            let hidden = exact_gelu(self.proj_in.forward(self.norm.forward(x)));
+            self.proj_out.forward(hidden)
+        })
     }
 }
 

@@ -1,5 +1,5 @@
-//! Linear layers over long sequences, with their weight gradients split across chunks of
-//! tokens.
+//! Token-wise layers over long sequences, with the gradients of their shared parameters
+//! split across chunks of tokens.
 //!
 //! The weight gradient of `y = x·W` is `xᵀ·dy`, a product whose inner dimension is the
 //! number of tokens: at 65 536 tokens and a 512 × 1 536 weight, burn's CubeCL matmul runs
@@ -35,12 +35,22 @@ pub(crate) fn forward<B: Backend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
+    by_chunks(x, |x| layer.forward(x))
+}
+
+/// `f`, a token-wise function of `[chunks, tokens, d_in]` to `[chunks, tokens, d_out]`,
+/// applied to `x: [..., tokens, d_in]` with the tokens (all leading dimensions together)
+/// in chunks of [`chunk_len`]: the gradients of parameters that every token shares
+/// (weights, biases, norm gains) are then sums over chunks of partial sums, which burn
+/// computes in parallel, instead of single reductions over every token.
+pub(crate) fn by_chunks<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    f: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
-    let Some(chunk) = chunk_len(rows) else {
-        return layer.forward(x);
-    };
-    let out = layer.forward(x.reshape([rows / chunk, chunk, dims[D - 1]]));
+    let chunk = chunk_len(rows).unwrap_or(rows);
+    let out = f(x.reshape([rows / chunk, chunk, dims[D - 1]]));
     let mut out_dims = dims;
     out_dims[D - 1] = out.dims()[2];
     out.reshape(out_dims)

@@ -144,11 +144,14 @@ impl<B: Backend> LocalMha<B> {
             }
         }
         let device = x.device();
-        let x = match &self.norm {
-            Some(norm) => norm.forward(x),
-            None => x,
-        };
-        let [q, k, v] = split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x), self.heads);
+        let qkv = crate::linear::by_chunks(x, |x| {
+            let x = match &self.norm {
+                Some(norm) => norm.forward(x),
+                None => x,
+            };
+            self.to_qkv.forward(x)
+        });
+        let [q, k, v] = split_heads::<B, 3>(qkv, self.heads);
         let dim_head = q.dims()[3];
         let (w, lb, lf) = (self.window, self.look_backward, self.look_forward);
         let windows = n.div_ceil(w);

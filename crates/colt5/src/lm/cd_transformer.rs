@@ -405,10 +405,9 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
             x = layer.feed_forward.forward(x.clone())? + x;
         }
         cache.len += n;
-        Ok(crate::linear::forward(
-            &self.to_logits,
-            self.logits_norm.forward(x),
-        ))
+        Ok(crate::linear::by_chunks(x, |x| {
+            self.to_logits.forward(self.logits_norm.forward(x))
+        }))
     }
 }
 

@@ -225,10 +225,9 @@ impl<B: CoorDescentBackend> LanguageModel<B> for Colt5Transformer<B> {
         for layer in &self.layers {
             x = layer.forward(x, self.window)?;
         }
-        Ok(crate::linear::forward(
-            &self.to_logits,
-            self.logits_norm.forward(x),
-        ))
+        Ok(crate::linear::by_chunks(x, |x| {
+            self.to_logits.forward(self.logits_norm.forward(x))
+        }))
     }
 
     fn seq_len(&self) -> usize {
