@@ -8,10 +8,10 @@
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use colt5::coor_descent::CoorDescentBackend;
+use colt5::import::StateDict;
 use colt5::lm::{next_token_loss, Colt5Transformer, Colt5TransformerConfig};
 
 mod common;
@@ -36,15 +36,82 @@ fn config() -> Colt5TransformerConfig {
         .with_num_heavy_ff_tokens(4)
 }
 
-/// The model's weights moved from the CPU model to backend `B`.
-fn on<B: AutodiffBackend + CoorDescentBackend>(cpu: &Colt5Transformer<Cpu>) -> Colt5Transformer<B> {
-    let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
-    let bytes = recorder.record(cpu.clone().into_record(), ()).unwrap();
-    let record = recorder.load(bytes, &Default::default()).unwrap();
-    config()
-        .init::<B>(&Default::default())
-        .unwrap()
-        .load_record(record)
+/// `target` (a freshly built module on another backend) with the weights of `source`,
+/// through the state dict the importer reads.
+fn transfer<S: Module<Cpu>, T: Module<Gpu>>(source: &S, target: T) -> T {
+    StateDict::from_module(source).load_into(target).unwrap()
+}
+
+fn input<B: burn::tensor::backend::Backend>(seed: u64, shape: [usize; 3]) -> Tensor<B, 3> {
+    let values: Vec<f32> = normals(seed, shape.iter().product(), 1.0)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+fn data<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().unwrap()
+}
+
+/// Each layer of the LM's block on its own, outputs against the CPU.
+#[test]
+fn colt5_layers_on_the_gpu_match_the_cpu() {
+    let model = config().init::<Cpu>(&Default::default()).unwrap();
+    let gpu = transfer(&model, config().init::<Gpu>(&Default::default()).unwrap());
+    let block = &model.layers[0];
+    let gpu_block = &gpu.layers[0];
+    let gpu_weights: Vec<f32> = gpu_block
+        .attention
+        .light_attn
+        .to_qkv
+        .weight
+        .val()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let cpu_weights: Vec<f32> = block
+        .attention
+        .light_attn
+        .to_qkv
+        .weight
+        .val()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert_eq!(gpu_weights, cpu_weights, "the weights were not transferred");
+    let x = input::<Cpu>(3, [2, 90, 32]);
+    let y = input::<Gpu>(3, [2, 90, 32]);
+    let light = relative(
+        &data(
+            gpu_block
+                .attention
+                .light_attn
+                .forward(y.clone(), None)
+                .unwrap(),
+        ),
+        &data(block.attention.light_attn.forward(x.clone(), None).unwrap()),
+    );
+    let attention = relative(
+        &data(gpu_block.attention.forward(y.clone(), false).unwrap()),
+        &data(block.attention.forward(x.clone(), false).unwrap()),
+    );
+    let feed_forward = relative(
+        &data(
+            gpu_block
+                .feed_forward
+                .forward(y.narrow(1, 0, 80).reshape([10, 16, 32]), None, None)
+                .unwrap(),
+        ),
+        &data(
+            block
+                .feed_forward
+                .forward(x.narrow(1, 0, 80).reshape([10, 16, 32]), None, None)
+                .unwrap(),
+        ),
+    );
+    println!("light attention {light:.2e}, routed attention {attention:.2e}, routed feed-forward {feed_forward:.2e}");
+    assert!(light < 1e-4 && attention < 1e-4 && feed_forward < 1e-4);
 }
 
 /// The loss and the gradient of every parameter (flattened, in module order).
@@ -92,7 +159,7 @@ fn relative(a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn colt5_lm_on_the_gpu_matches_the_cpu() {
     let cpu = config().init::<Cpu>(&Default::default()).unwrap();
-    let gpu = on::<Gpu>(&cpu);
+    let gpu = transfer(&cpu, config().init::<Gpu>(&Default::default()).unwrap());
     // 2 sequences of 90 tokens (6 windows, the last one partial) and their next tokens.
     let len = 91;
     let ids: Vec<i64> = normals(11, 2 * len, 1.0)
