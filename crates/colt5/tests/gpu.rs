@@ -24,6 +24,15 @@ type Gpu = Autodiff<burn::backend::Wgpu>;
 
 type Cpu = Autodiff<NdArray<f32>>;
 
+/// Relative tolerances: a layer's output, the loss, the parameter gradients. CubeCL runs
+/// f32 matrix products on CUDA tensor cores in TF32 (10-bit mantissas, ~3e-4 relative), and
+/// the perturbed router scores can reorder nearly tied tokens at a routing boundary, which
+/// moves the gradients of the few entries involved; lavapipe computes in plain f32.
+#[cfg(feature = "cuda")]
+const TOLERANCE: (f64, f64, f64) = (2e-3, 1e-4, 5e-2);
+#[cfg(not(feature = "cuda"))]
+const TOLERANCE: (f64, f64, f64) = (1e-4, 1e-4, 1e-3);
+
 /// A CoLT5 LM with several windows, routed queries, keys among earlier windows and routed
 /// feed-forward tokens.
 fn config() -> Colt5TransformerConfig {
@@ -111,7 +120,7 @@ fn colt5_layers_on_the_gpu_match_the_cpu() {
         ),
     );
     println!("light attention {light:.2e}, routed attention {attention:.2e}, routed feed-forward {feed_forward:.2e}");
-    assert!(light < 1e-4 && attention < 1e-4 && feed_forward < 1e-4);
+    assert!(light.max(attention).max(feed_forward) < TOLERANCE.0);
 }
 
 /// The loss and the gradient of every parameter (flattened, in module order).
@@ -171,6 +180,6 @@ fn colt5_lm_on_the_gpu_matches_the_cpu() {
     let loss_error = relative(&loss_gpu, &loss_cpu);
     let grad_error = relative(&grads_gpu, &grads_cpu);
     println!("loss {loss_cpu:?} vs {loss_gpu:?}: {loss_error:.2e}; gradients {grad_error:.2e}");
-    assert!(loss_error < 1e-4, "loss: {loss_error:.2e}");
-    assert!(grad_error < 1e-3, "gradients: {grad_error:.2e}");
+    assert!(loss_error < TOLERANCE.1, "loss: {loss_error:.2e}");
+    assert!(grad_error < TOLERANCE.2, "gradients: {grad_error:.2e}");
 }
