@@ -207,9 +207,9 @@ struct Measured {
     params: usize,
 }
 
-/// Times `forward` (on the inner backend, no autodiff) and `forward_backward`'s forward
-/// + backward of sum(out · g) on autodiff, and the device memory each takes beyond what
-/// was allocated before.
+/// Times `forward` (on the inner backend, no autodiff) and, on autodiff,
+/// `forward_backward`'s forward and the backward of sum(out · g); also the device memory
+/// each takes beyond what was allocated before.
 fn measure<B: AutodiffBackend>(
     device: &B::Device,
     reps: usize,

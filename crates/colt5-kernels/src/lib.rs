@@ -541,22 +541,6 @@ impl<R: Runtime> Launch<R> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Schedule;
-
-    #[test]
-    fn steady_is_where_the_schedule_reaches_the_output_temperature() {
-        // eps_1..eps_5, then the output temperature.
-        assert_eq!(Schedule(vec![4.0, 2.0, 1.0, 1.0, 1.0, 1.0]).steady(), 2);
-        assert_eq!(Schedule(vec![1.0, 1.0, 1.0]).steady(), 1);
-        // The last update is still above the output temperature: none.
-        assert_eq!(Schedule(vec![4.0, 2.0, 1.0]).steady(), 2);
-        assert_eq!(Schedule(vec![0.5]).steady(), 0);
-        assert_eq!(Schedule(vec![]).steady(), 0);
-    }
-}
-
 /// The positions of the `k` largest entries of every row of `values` (`[rows, n]`, element
 /// `F`): `[rows, k]` of element `I`, in descending order of value, the lower position
 /// first among equal values. One cube per row (32 to 1024 units, about 16 entries a unit);
@@ -596,4 +580,20 @@ pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
         );
     }
     Ok(indices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Schedule;
+
+    #[test]
+    fn steady_is_where_the_schedule_reaches_the_output_temperature() {
+        // eps_1..eps_5, then the output temperature.
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0, 1.0, 1.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![1.0, 1.0, 1.0]).steady(), 1);
+        // The last update is still above the output temperature: none.
+        assert_eq!(Schedule(vec![4.0, 2.0, 1.0]).steady(), 2);
+        assert_eq!(Schedule(vec![0.5]).steady(), 0);
+        assert_eq!(Schedule(vec![]).steady(), 0);
+    }
 }
