@@ -113,6 +113,13 @@ pub enum LaunchError {
     Steps(usize),
     /// A row count or length of zero.
     Empty(Rows),
+    /// A launch would need more shared memory than the device gives a cube.
+    SharedMemory {
+        /// Bytes the launch needs.
+        bytes: usize,
+        /// Bytes the device allows.
+        available: usize,
+    },
     /// A top-k count of zero, above the row length or above [`MAX_TOP_K`].
     TopK {
         /// The count asked for.
@@ -132,6 +139,10 @@ impl std::fmt::Display for LaunchError {
             LaunchError::Empty(rows) => {
                 write!(f, "no entries to solve: {} rows of {}", rows.rows, rows.n)
             }
+            LaunchError::SharedMemory { bytes, available } => write!(
+                f,
+                "the launch needs {bytes} bytes of shared memory, the device allows {available}"
+            ),
             LaunchError::TopK { k, n } => write!(
                 f,
                 "top-k takes 1 ≤ k ≤ min(n, {MAX_TOP_K}), not k = {k} of n = {n}"
@@ -543,8 +554,9 @@ impl<R: Runtime> Launch<R> {
 
 /// The positions of the `k` largest entries of every row of `values` (`[rows, n]`, element
 /// `F`): `[rows, k]` of element `I`, in descending order of value, the lower position
-/// first among equal values. One cube per row (32 to 1024 units, about 16 entries a unit);
-/// 1 ≤ k ≤ min(n, [`MAX_TOP_K`]).
+/// first among equal values. One cube per row (32 to 1024 units, about 16 entries a unit,
+/// within the device's limit); 1 ≤ k ≤ min(n, [`MAX_TOP_K`]), and the selection must fit
+/// the device's shared memory (8 bytes an entry: k = 4096 needs about 41 KB).
 pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     client: &ComputeClient<R>,
     values: &Handle,
@@ -558,9 +570,19 @@ pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     if k == 0 || k > n || k > MAX_TOP_K {
         return Err(LaunchError::TopK { k, n });
     }
-    let units = (n / 16).next_power_of_two().clamp(32, TOP_K_MAX_UNITS);
+    let hardware = &client.properties().hardware;
+    let max_units = (hardware.max_units_per_cube as usize).clamp(32, TOP_K_MAX_UNITS);
+    let units = (n / 16).next_power_of_two().clamp(32, max_units);
     // A few capacity classes, so that few variants of the kernel are compiled.
     let capacity = k.next_power_of_two().max(64);
+    // The selection (key and position), the units' two offsets, the histogram and two words.
+    let shared = 4 * (2 * capacity + 2 * max_units + 256 + 2);
+    if shared > hardware.max_shared_memory_size {
+        return Err(LaunchError::SharedMemory {
+            bytes: shared,
+            available: hardware.max_shared_memory_size,
+        });
+    }
     let indices = client.empty(rows * k * I::type_size());
     const MAX_X: usize = 65_535;
     let x = rows.min(MAX_X);
@@ -576,7 +598,7 @@ pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
             k as u32,
             n.div_ceil(units) as u32,
             capacity as u32,
-            TOP_K_MAX_UNITS as u32,
+            max_units as u32,
         );
     }
     Ok(indices)

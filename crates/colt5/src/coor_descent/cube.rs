@@ -84,17 +84,20 @@ where
         )
     }
 
-    /// The radix-select kernel of `colt5-kernels` (k up to its `MAX_TOP_K`; beyond, burn's
-    /// sort).
+    /// The radix-select kernel of `colt5-kernels` (k up to its `MAX_TOP_K`, as far as the
+    /// device's shared memory holds the selection); otherwise the host selection.
     fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         if k > colt5_kernels::MAX_TOP_K {
             return portable_top_k_indices::<Self>(values, k);
         }
         let [rows, n] = values.meta.shape.dims::<2>();
         let values = into_contiguous(values);
-        let indices =
+        let Ok(indices) =
             colt5_kernels::top_k::<R, F, I>(&values.client, &values.handle, Rows { rows, n }, k)
-                .expect("1 ≤ k ≤ n, checked by the caller");
+        else {
+            // The selection does not fit the device's shared memory.
+            return portable_top_k_indices::<Self>(values, k);
+        };
         CubeTensor::new_contiguous(
             values.client.clone(),
             values.device.clone(),
