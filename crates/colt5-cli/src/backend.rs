@@ -72,6 +72,13 @@ pub fn peak_bytes<B: burn::tensor::backend::Backend>(
     Ok(Some(reserved()?.saturating_sub(before)))
 }
 
+/// `bytes` from [`peak_bytes`] in MiB for a table, "–" where not measured.
+pub fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or("–".into(), |b| {
+        format!("{:.0}", b as f64 / (1u64 << 20) as f64)
+    })
+}
+
 /// A reader of the bytes the device's memory pools reserve, for CUDA devices.
 #[cfg(feature = "cuda")]
 fn reserved_bytes<B: burn::tensor::backend::Backend>(

@@ -157,10 +157,7 @@ impl Job for LmJob<'_> {
                         .unwrap_or_default(),
                     args.batch,
                     (args.batch * seq_len) as f64 / seconds,
-                    bytes.map_or("–".into(), |b| format!(
-                        "{:.0}",
-                        b as f64 / (1u64 << 20) as f64
-                    )),
+                    crate::backend::mib(bytes),
                 );
             }
         }

@@ -145,8 +145,8 @@ impl Job for BlockJob<'_> {
                         "| {name} | {seq} | fp32 | {:.2} | {:.2} | {} | {} | {:.2} |",
                         m.forward_ms,
                         m.forward_backward_ms,
-                        mib(m.forward_bytes),
-                        mib(m.forward_backward_bytes),
+                        crate::backend::mib(m.forward_bytes),
+                        crate::backend::mib(m.forward_backward_bytes),
                         m.params as f64 / 1e6
                     ),
                     Err(error) => {
@@ -170,12 +170,6 @@ impl Job for BlockJob<'_> {
         }
         Ok(())
     }
-}
-
-fn mib(bytes: Option<u64>) -> String {
-    bytes.map_or("–".into(), |b| {
-        format!("{:.0}", b as f64 / (1u64 << 20) as f64)
-    })
 }
 
 /// The CoLT5 block of bench_block.py at `seq` tokens.

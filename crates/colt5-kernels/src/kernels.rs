@@ -311,9 +311,9 @@ fn new_reducer(exchange: Array<Atomic<u32>>) -> Reducer {
     }
 }
 
-/// The cube's position in the grid, as one index.
+/// The cube's position in the grid, as one index (the grid of `grid` in lib.rs).
 #[cube]
-fn cube_index() -> usize {
+pub(crate) fn cube_index() -> usize {
     CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
 }
 

@@ -260,10 +260,16 @@ impl Layout {
     }
 
     fn cube_count(&self) -> CubeCount {
-        const MAX_X: usize = 65_535;
-        let x = self.cubes.min(MAX_X);
-        CubeCount::Static(x as u32, self.cubes.div_ceil(x) as u32, 1)
+        grid(self.cubes)
     }
+}
+
+/// A grid of `cubes` cubes: rows of at most 65 535 (the limit of the grid's first
+/// dimension), as many rows as needed; kernels number their cube by `cube_index`.
+fn grid(cubes: usize) -> CubeCount {
+    const MAX_X: usize = 65_535;
+    let x = cubes.min(MAX_X);
+    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
 }
 
 fn max_steps(steps: usize) -> usize {
@@ -584,12 +590,10 @@ pub fn top_k<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
         });
     }
     let indices = client.empty(rows * k * I::type_size());
-    const MAX_X: usize = 65_535;
-    let x = rows.min(MAX_X);
     unsafe {
         top_k_rows::launch_unchecked::<F, I, R>(
             client,
-            CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1),
+            grid(rows),
             CubeDim::new_1d(units as u32),
             ArrayArg::from_raw_parts(values.clone(), rows * n),
             ArrayArg::from_raw_parts(indices.clone(), rows * k),

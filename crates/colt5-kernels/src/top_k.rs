@@ -14,6 +14,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::cube_index;
+
 /// Bins of one radix pass (one byte of the key).
 const BINS: usize = 256;
 
@@ -60,7 +62,7 @@ pub fn top_k_rows<F: Float, I: Int>(
     #[comptime] capacity: u32,
     #[comptime] max_units: u32,
 ) {
-    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let row = cube_index();
     if row >= rows as usize {
         terminate!();
     }

@@ -15,7 +15,7 @@ use colt5::import::StateDict;
 use colt5::lm::{next_token_loss, Colt5Transformer, Colt5TransformerConfig};
 
 mod common;
-use common::normals;
+use common::{normals, relative_error};
 
 #[cfg(feature = "cuda")]
 type Gpu = Autodiff<burn::backend::Cuda>;
@@ -71,7 +71,7 @@ fn input<B: burn::tensor::backend::Backend>(seed: u64, shape: [usize; 3]) -> Ten
     Tensor::from_data(TensorData::new(values, shape), &Default::default())
 }
 
-fn data<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>) -> Vec<f64> {
+fn data<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec().unwrap()
 }
 
@@ -79,28 +79,12 @@ fn data<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>) -> Vec<f64> {
 fn check_layers(model: &Colt5Transformer<Cpu>, gpu: &Colt5Transformer<Gpu>) {
     let block = &model.layers[0];
     let gpu_block = &gpu.layers[0];
-    let gpu_weights: Vec<f32> = gpu_block
-        .attention
-        .light_attn
-        .to_qkv
-        .weight
-        .val()
-        .into_data()
-        .to_vec()
-        .unwrap();
-    let cpu_weights: Vec<f32> = block
-        .attention
-        .light_attn
-        .to_qkv
-        .weight
-        .val()
-        .into_data()
-        .to_vec()
-        .unwrap();
+    let gpu_weights = data(gpu_block.attention.light_attn.to_qkv.weight.val());
+    let cpu_weights = data(block.attention.light_attn.to_qkv.weight.val());
     assert_eq!(gpu_weights, cpu_weights, "the weights were not transferred");
     let x = input::<Cpu>(3, [2, 90, 32]);
     let y = input::<Gpu>(3, [2, 90, 32]);
-    let light = relative(
+    let light = relative_error(
         &data(
             gpu_block
                 .attention
@@ -110,11 +94,11 @@ fn check_layers(model: &Colt5Transformer<Cpu>, gpu: &Colt5Transformer<Gpu>) {
         ),
         &data(block.attention.light_attn.forward(x.clone(), None).unwrap()),
     );
-    let attention = relative(
+    let attention = relative_error(
         &data(gpu_block.attention.forward(y.clone(), false).unwrap()),
         &data(block.attention.forward(x.clone(), false).unwrap()),
     );
-    let feed_forward = relative(
+    let feed_forward = relative_error(
         &data(
             gpu_block
                 .feed_forward
@@ -163,17 +147,6 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
     (loss, gradients)
 }
 
-fn relative(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite GPU values");
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max);
-    diff / b.iter().map(|y| y.abs()).fold(1e-6, f64::max)
-}
-
 /// One test, so that the seeded draw of the CPU model is the only use of the CPU backend's
 /// random numbers in this binary.
 #[test]
@@ -189,8 +162,8 @@ fn colt5_lm_on_the_gpu_matches_the_cpu() {
         .collect();
     let (loss_cpu, grads_cpu) = run(&cpu, &ids, len);
     let (loss_gpu, grads_gpu) = run(&gpu, &ids, len);
-    let loss_error = relative(&loss_gpu, &loss_cpu);
-    let grad_error = relative(&grads_gpu, &grads_cpu);
+    let loss_error = relative_error(&loss_gpu, &loss_cpu);
+    let grad_error = relative_error(&grads_gpu, &grads_cpu);
     println!("loss {loss_cpu:?} vs {loss_gpu:?}: {loss_error:.2e}; gradients {grad_error:.2e}");
     assert!(loss_error < TOLERANCE.1, "loss: {loss_error:.2e}");
     assert!(grad_error < TOLERANCE.2, "gradients: {grad_error:.2e}");

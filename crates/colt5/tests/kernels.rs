@@ -12,7 +12,7 @@ use burn::tensor::{Bool, Tensor, TensorData};
 use colt5::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK, Solver};
 
 mod common;
-use common::normals;
+use common::{normals, relative_error};
 
 #[cfg(feature = "cuda")]
 type Gpu = burn::backend::Cuda;
@@ -117,21 +117,6 @@ impl Case {
             }),
         }
     }
-}
-
-/// max |a − b| / max |b| (the golden README's measure), with max |b| floored at 1e-6: rows
-/// whose outputs are all saturated at 0 or 1 have gradients near 1e-12 that f32 cannot
-/// resolve, so they are compared on the scale of g (1). NaN anywhere fails.
-fn relative_error(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite kernel output");
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max);
-    let scale = b.iter().map(|y| y.abs()).fold(1e-6, f64::max);
-    diff / scale
 }
 
 /// Whether each entry lies within `margin` of one of its row's update thresholds −a_t,

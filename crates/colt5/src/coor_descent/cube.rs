@@ -87,15 +87,13 @@ where
     /// The radix-select kernel of `colt5-kernels` (k up to its `MAX_TOP_K`, as far as the
     /// device's shared memory holds the selection); otherwise the host selection.
     fn top_k_indices(values: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
-        if k > colt5_kernels::MAX_TOP_K {
-            return portable_top_k_indices::<Self>(values, k);
-        }
         let [rows, n] = values.meta.shape.dims::<2>();
         let values = into_contiguous(values);
         let Ok(indices) =
             colt5_kernels::top_k::<R, F, I>(&values.client, &values.handle, Rows { rows, n }, k)
         else {
-            // The selection does not fit the device's shared memory.
+            // k beyond the kernel's limit, or a selection the device's shared memory cannot
+            // hold.
             return portable_top_k_indices::<Self>(values, k);
         };
         CubeTensor::new_contiguous(

@@ -17,3 +17,19 @@ pub fn normals(seed: u64, count: usize, scale: f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// max |a − b| / max |b| (the golden README's measure), with max |b| floored at 1e-6: rows
+/// whose outputs are all saturated at 0 or 1 have gradients near 1e-12 that f32 cannot
+/// resolve, so they are compared on the scale of g (1). NaN anywhere in `a` fails.
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite GPU output");
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs()).fold(1e-6, f64::max);
+    diff / scale
+}
