@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo test --workspace "$@"
-cargo test -p colt5 --features wgpu --test kernels --test gpu "$@"
+cargo test -p colt5 --features wgpu --test kernels --test gpu --test fused_attention "$@"

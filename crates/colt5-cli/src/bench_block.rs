@@ -12,6 +12,7 @@ use burn::tensor::{
 use colt5::attend::AttendConfig;
 use colt5::attention::AttentionInputs;
 use colt5::coor_descent::{coor_descent, top_k_indices, CoorDescentBackend, CoorDescentConfig};
+use colt5::fused_attention::AttentionBackend;
 use colt5::routed::{
     ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
     ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerBlockConfig,
@@ -405,7 +406,7 @@ struct DenseBlock<B: Backend> {
     ff_out: Linear<B>,
 }
 
-impl<B: Backend> DenseBlock<B> {
+impl<B: AttentionBackend> DenseBlock<B> {
     fn new(device: &B::Device) -> Self {
         let inner = HEADS * DIM_HEAD;
         DenseBlock {

@@ -21,12 +21,16 @@
 //! every threshold, the planes compute the updates' sums side by side. This crate depends
 //! only on CubeCL: `colt5` wires it into burn's CubeCL backends.
 
+mod attention;
 mod kernels;
 mod top_k;
 
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+pub use attention::{
+    attention_backward, attention_forward, AttentionInputs, AttentionShape, Band, MAX_DIM_HEAD,
+};
 use kernels::{
     clear_words, BACKWARD_BAND_WORDS, COEFFICIENTS_PER_STEP, FORWARD_BANDS, FORWARD_BAND_WORDS,
     MAX_BUTTERFLY_WIDTH,
@@ -127,6 +131,9 @@ pub enum LaunchError {
         /// The row length.
         n: usize,
     },
+    /// An attention shape the kernels do not take: empty, a zero window, or `dim_head`
+    /// above [`MAX_DIM_HEAD`] or not a multiple of its row split.
+    Attention(AttentionShape),
 }
 
 impl std::fmt::Display for LaunchError {
@@ -146,6 +153,11 @@ impl std::fmt::Display for LaunchError {
             LaunchError::TopK { k, n } => write!(
                 f,
                 "top-k takes 1 ≤ k ≤ min(n, {MAX_TOP_K}), not k = {k} of n = {n}"
+            ),
+            LaunchError::Attention(shape) => write!(
+                f,
+                "the fused attention does not take {shape:?} (dim_head 1 to {MAX_DIM_HEAD}, \
+                 divisible by its split of one unit per 32 features)"
             ),
         }
     }

@@ -6,6 +6,7 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{activation::softmax, backend::Backend, Bool, Tensor, TensorData};
 
 use crate::error::Error;
+use crate::fused_attention::{fused_attention, AttentionBackend, FusedAttention, Keys};
 
 /// The logit given to masked keys: the most negative f32, exactly representable in f32 and
 /// f64, so masked keys get weight exactly 0 next to any visible key.
@@ -69,7 +70,10 @@ impl AttendConfig {
 
 impl Attend {
     /// Attends; errors name the tensor whose shape does not fit.
-    pub fn forward<B: Backend>(
+    ///
+    /// Without dropout and with a mask that does not vary over the queries, backends with
+    /// fused attention (CUDA, wgpu) attend without materialising the logits.
+    pub fn forward<B: AttentionBackend>(
         &self,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -89,6 +93,22 @@ impl Attend {
             }
         }
         let scores_shape = [batch, heads, queries, keys];
+        let scale = self.scale.unwrap_or((dim_head as f64).powf(-0.5));
+        let per_key = mask.as_ref().is_none_or(|mask| mask.dims()[2] == 1);
+        if self.dropout.prob == 0.0 && per_key && queries > 0 && keys > 0 {
+            let spec = FusedAttention {
+                keys: Keys::All,
+                causal: self.causal,
+                scale,
+            };
+            let key_mask = match &mask {
+                Some(mask) => Some(self.key_mask(mask.clone(), [batch, heads, keys])?),
+                None => None,
+            };
+            if let Some(out) = fused_attention(q.clone(), k.clone(), v.clone(), key_mask, &spec) {
+                return Ok(out);
+            }
+        }
         let mut visible = match mask {
             Some(mask) => {
                 if mask
@@ -117,7 +137,6 @@ impl Attend {
             });
         }
 
-        let scale = self.scale.unwrap_or((dim_head as f64).powf(-0.5));
         let logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let Some(visible) = visible else {
             let weights = self.dropout.forward(softmax(logits, 3));
@@ -133,6 +152,32 @@ impl Attend {
             .bool_not()
             .expand([batch, heads, queries, dim_head]);
         Ok(out.mask_fill(sees_nothing, 0.0))
+    }
+}
+
+impl Attend {
+    /// A mask `[batch or 1, heads or 1, 1, keys or 1]` as the fused attention's
+    /// `[batch, heads, keys]`.
+    fn key_mask<B: Backend>(
+        &self,
+        mask: Tensor<B, 4, Bool>,
+        [batch, heads, keys]: [usize; 3],
+    ) -> crate::Result<Tensor<B, 3, Bool>> {
+        let dims = mask.dims();
+        if [dims[0], dims[1], dims[3]]
+            .iter()
+            .zip([batch, heads, keys])
+            .any(|(&m, s)| m != s && m != 1)
+        {
+            return Err(Error::Shape {
+                name: "mask",
+                actual: dims.to_vec(),
+                expected: format!("broadcastable to {:?}", [batch, heads, 1, keys]),
+            });
+        }
+        Ok(mask
+            .expand([batch, heads, 1, keys])
+            .reshape([batch, heads, keys]))
     }
 }
 

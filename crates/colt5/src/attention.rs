@@ -7,6 +7,7 @@ use burn::tensor::{backend::Backend, Bool, Distribution, Tensor};
 
 use crate::attend::{Attend, AttendConfig};
 use crate::error::Error;
+use crate::fused_attention::AttentionBackend;
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rotary::Rotation;
 
@@ -76,7 +77,7 @@ impl SelfAttentionConfig {
     }
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: AttentionBackend> SelfAttention<B> {
     /// Attends every position to every position.
     pub fn forward(&self, x: Tensor<B, 3>) -> crate::Result<Tensor<B, 3>> {
         let [batch, seq, dim] = x.dims();
@@ -218,7 +219,7 @@ impl AttentionConfig {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: AttentionBackend> Attention<B> {
     /// Attends `x` to the context (or to itself).
     pub fn forward(
         &self,

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod coor_descent;
 pub mod error;
 pub mod feed_forward;
+pub mod fused_attention;
 pub mod golden;
 pub mod import;
 mod linear;

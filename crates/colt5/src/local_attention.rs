@@ -8,6 +8,7 @@ use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, Ten
 
 use crate::attention::{merge_heads, split_heads};
 use crate::error::Error;
+use crate::fused_attention::{fused_attention, AttentionBackend, FusedAttention, Keys};
 
 /// The logit of masked slots: finite, so that a query with no visible key averages over its
 /// whole look-around (as the reference does) instead of producing NaN.
@@ -118,8 +119,11 @@ impl LocalMhaConfig {
     }
 }
 
-impl<B: Backend> LocalMha<B> {
+impl<B: AttentionBackend> LocalMha<B> {
     /// Attends each position to its neighbourhood; `mask` marks real tokens (keys only).
+    ///
+    /// Without a mask, backends with fused attention (CUDA, wgpu) attend over the band
+    /// directly, never materialising the windows' logits.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -165,9 +169,28 @@ impl<B: Backend> LocalMha<B> {
                 Tensor::cat(vec![t, zeros], 2)
             }
         };
-        let to_windows =
-            |t: Tensor<B, 4>| pad(t).reshape([batch, self.heads, windows, w, dim_head]);
-        let q = to_windows(q).mul_scalar((dim_head as f64).powf(-0.5));
+        let scale = (dim_head as f64).powf(-0.5);
+        let (q, k, v) = (pad(q), pad(k), pad(v));
+        if mask.is_none() {
+            let spec = FusedAttention {
+                keys: Keys::Band {
+                    window: w,
+                    look_backward: lb,
+                    look_forward: lf,
+                    exact: self.exact,
+                },
+                causal: self.causal,
+                scale,
+            };
+            // Every query sees at least itself here, so the look-around's outside slots, which
+            // the fused band omits, would weigh exactly 0.
+            if let Some(out) = fused_attention(q.clone(), k.clone(), v.clone(), None, &spec) {
+                let out = out.narrow(2, 0, n);
+                return Ok(crate::linear::forward(&self.to_out, merge_heads(out)));
+            }
+        }
+        let to_windows = |t: Tensor<B, 4>| t.reshape([batch, self.heads, windows, w, dim_head]);
+        let q = to_windows(q).mul_scalar(scale);
         let k = self.look_around(to_windows(k));
         let v = self.look_around(to_windows(v));
 

@@ -177,7 +177,7 @@ fn config_usize(case: &Case, name: &str, default: usize) -> crate::Result<usize>
 
 /// Modules of one input `[batch, seq, dim]` and one output: RMSNorm, FeedForward,
 /// SelfAttention.
-fn layer_case<B: AutodiffBackend>(
+fn layer_case<B: AutodiffBackend + CoorDescentBackend>(
     case: &Case,
     precision: Precision,
 ) -> crate::Result<Vec<Comparison>> {
@@ -214,7 +214,7 @@ fn layer_case<B: AutodiffBackend>(
     }
 }
 
-fn attend_case<B: AutodiffBackend>(
+fn attend_case<B: AutodiffBackend + CoorDescentBackend>(
     case: &Case,
     precision: Precision,
 ) -> crate::Result<Vec<Comparison>> {
@@ -548,7 +548,7 @@ fn vit_case<B: AutodiffBackend + CoorDescentBackend>(
     compare_module(case, &module, output, (&images, "img"), tolerance)
 }
 
-fn local_mha_case<B: AutodiffBackend>(
+fn local_mha_case<B: AutodiffBackend + CoorDescentBackend>(
     case: &Case,
     precision: Precision,
 ) -> crate::Result<Vec<Comparison>> {

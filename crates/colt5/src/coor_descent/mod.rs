@@ -252,7 +252,7 @@ pub struct SolveStats {
 ///
 /// All tensors are row-major 2-D: scores `[rows, n]`, k `[rows, 1]`, mask `[rows, n]`
 /// (`true` = keep). Inputs are assumed valid (use [`coor_descent`], which checks them).
-pub trait CoorDescentBackend: Backend {
+pub trait CoorDescentBackend: crate::fused_attention::AttentionBackend {
     /// The soft top-k of every row and the solver statistics. Autodiff backends record the
     /// operation for the backward pass.
     fn coor_descent_rows(
