@@ -12,7 +12,7 @@ use burn::tensor::{
 use colt5::attend::AttendConfig;
 use colt5::attention::AttentionInputs;
 use colt5::coor_descent::{coor_descent, top_k_indices, CoorDescentBackend, CoorDescentConfig};
-use colt5::fused_attention::AttentionBackend;
+use colt5::fused_attention::{fused_attention, AttentionBackend, FusedAttention, Keys};
 use colt5::routed::{
     ConditionalRoutedAttentionConfig, ConditionalRoutedFeedForwardConfig,
     ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerBlockConfig,
@@ -117,10 +117,12 @@ impl Job for BlockJob<'_> {
                         row
                     }
                     BlockModel::Dense => {
-                        // Full attention keeps heads · n² logits (and their softmax for the
-                        // backward): skip lengths where those alone pass 32 GiB.
+                        // Without fused attention, full attention keeps heads · n² logits (and
+                        // their softmax for the backward): skip lengths where those alone pass
+                        // 32 GiB.
                         let logits = HEADS as f64 * (seq as f64).powi(2) * 4.0;
-                        if logits > 32.0 * (1u64 << 30) as f64 {
+                        if !has_fused_attention::<B>(device) && logits > 32.0 * (1u64 << 30) as f64
+                        {
                             println!(
                                 "| dense | {seq} | fp32 | – | – | – | – | – | skipped: {:.0} GiB of logits |",
                                 logits / (1u64 << 30) as f64
@@ -393,6 +395,17 @@ where
         f64::NAN,
     ));
     Ok(rows)
+}
+
+/// Whether the backend attends without materialising the logits.
+fn has_fused_attention<B: AttentionBackend>(device: &B::Device) -> bool {
+    let probe = Tensor::<B, 4>::zeros([1, 1, 1, DIM_HEAD], device);
+    let spec = FusedAttention {
+        keys: Keys::All,
+        causal: false,
+        scale: 1.0,
+    };
+    fused_attention(probe.clone(), probe.clone(), probe, None, &spec).is_some()
 }
 
 /// x + MHA(LN(x)), then x + FF(LN(x)): bench_block.py's `DenseBlock`.

@@ -252,6 +252,9 @@ pub struct SolveStats {
 ///
 /// All tensors are row-major 2-D: scores `[rows, n]`, k `[rows, 1]`, mask `[rows, n]`
 /// (`true` = keep). Inputs are assumed valid (use [`coor_descent`], which checks them).
+///
+/// The models' backends also provide [fused attention](crate::fused_attention), hence the
+/// supertrait: one bound gives a model every backend extension it uses.
 pub trait CoorDescentBackend: crate::fused_attention::AttentionBackend {
     /// The soft top-k of every row and the solver statistics. Autodiff backends record the
     /// operation for the backward pass.
