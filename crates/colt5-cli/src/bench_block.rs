@@ -294,6 +294,21 @@ where
             Box::new(|x| Ok(attn.light_attn.forward(x, None)?)),
         ),
         (
+            "attention: light local attention's fused kernel alone (q = k = v = x)",
+            tokens.clone(),
+            Box::new(|x| {
+                // The light branch's LocalMha: windows of half the light window (64), one
+                // window looked at on either side, the exact band.
+                let keys = Keys::Band {
+                    window: 64,
+                    look_backward: 1,
+                    look_forward: 1,
+                    exact: true,
+                };
+                attention_kernel_alone(x, keys)
+            }),
+        ),
+        (
             "attention: query router",
             tokens.clone(),
             Box::new(|x| {
@@ -315,6 +330,11 @@ where
                 };
                 Ok(attn.heavy_attn.forward(q, inputs)?)
             }),
+        ),
+        (
+            "attention: heavy attention's fused kernel alone (q = k = v = routed tokens)",
+            routed.clone(),
+            Box::new(|x| attention_kernel_alone(x, Keys::All)),
         ),
         (
             "attention: whole layer",
@@ -395,6 +415,24 @@ where
         f64::NAN,
     ));
     Ok(rows)
+}
+
+/// The fused attention on `x` (`[1, n, heads · dim_head]`) as queries, keys and values:
+/// the kernels' share of an attention stage.
+fn attention_kernel_alone<B: AttentionBackend>(
+    x: Tensor<B, 3>,
+    keys: Keys,
+) -> Result<Tensor<B, 3>> {
+    let [batch, n, _] = x.dims();
+    let heads = x.reshape([batch, n, HEADS, DIM_HEAD]).swap_dims(1, 2);
+    let spec = FusedAttention {
+        keys,
+        causal: false,
+        scale: (DIM_HEAD as f64).powf(-0.5),
+    };
+    let out = fused_attention(heads.clone(), heads.clone(), heads, None, &spec)
+        .context("this backend has no fused attention")?;
+    Ok(out.swap_dims(1, 2).reshape([batch, n, HEADS * DIM_HEAD]))
 }
 
 /// Whether the backend attends without materialising the logits.

@@ -27,10 +27,12 @@ const HIDDEN: f32 = -1.0e30;
 pub struct AttentionLayout {
     /// Features of a query, key or value.
     pub dim_head: u32,
-    /// Units sharing one row (a power of two up to 8 that divides `dim_head`).
+    /// Units sharing one row (a power of two up to 16 that divides `dim_head`).
     pub split: u32,
     /// Rows (queries, or keys for dk/dv) of a cube.
     pub rows: u32,
+    /// Rows each group of `split` units holds.
+    pub per_unit: u32,
     /// Keys (forward, dq) or queries (dk, dv) per tile of shared memory.
     pub tile: u32,
     /// Whether a key mask is given.
@@ -107,6 +109,9 @@ fn row_sum(value: f32, #[comptime] split: u32) -> f32 {
     if split > 4 {
         total += plane_shuffle_xor(total, 4u32);
     }
+    if split > 8 {
+        total += plane_shuffle_xor(total, 8u32);
+    }
     total
 }
 
@@ -164,7 +169,8 @@ fn key_kept<M: Int>(
 
 /// Forward: `out [heads, queries, dim]` and the log-sum-exp of each query's scaled logits
 /// (`lse [heads, queries]`, 0 where the query sees no key, whose output is 0). One cube
-/// per `rows` queries of a head.
+/// per `rows` queries of a head; each group of `split` units holds `per_unit` queries, so
+/// that every key feature read from shared memory serves `per_unit` products.
 #[cube(launch_unchecked)]
 pub fn attention_forward_rows<F: Float, M: Int>(
     q: &Array<F>,
@@ -178,6 +184,7 @@ pub fn attention_forward_rows<F: Float, M: Int>(
 ) {
     let split = comptime![layout.split];
     let part_len = comptime![layout.dim_head / layout.split];
+    let per_unit = comptime![layout.per_unit];
     let dim = comptime![layout.dim_head];
     let tile = comptime![layout.tile];
     let (head, first) = cube_rows(layout.rows, band.queries);
@@ -186,24 +193,34 @@ pub fn attention_forward_rows<F: Float, M: Int>(
     }
     let unit = UNIT_POS;
     let part = unit % split;
-    let i = first + unit / split;
-    let query = u32::min(i, band.queries - 1);
-    let (lo, hi) = key_range(query, &band, layout.causal, layout.exact);
+    let own_first = first + (unit / split) * per_unit;
     let last = u32::min(first + layout.rows, band.queries) - 1;
     let (start, _) = key_range(first, &band, layout.causal, layout.exact);
     let (_, end) = key_range(last, &band, layout.causal, layout.exact);
-
     let offset = part * part_len;
-    let row_at = (head * band.queries + query) as usize * dim as usize + offset as usize;
-    let mut own_q = Array::<f32>::new(part_len as usize);
-    let mut acc = Array::<f32>::new(part_len as usize);
+
+    let mut own_q = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut acc = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut lo = Array::<u32>::new(per_unit as usize);
+    let mut hi = Array::<u32>::new(per_unit as usize);
+    let mut max = Array::<f32>::new(per_unit as usize);
+    let mut sum = Array::<f32>::new(per_unit as usize);
+    let mut weights = Array::<f32>::new(per_unit as usize);
     #[unroll]
-    for d in 0..part_len {
-        own_q[d as usize] = f32::cast_from(q[row_at + d as usize]) * band.scale;
-        acc[d as usize] = 0.0;
+    for r in 0..per_unit {
+        let query = u32::min(own_first + r, band.queries - 1);
+        let (l, h) = key_range(query, &band, layout.causal, layout.exact);
+        lo[r as usize] = l;
+        hi[r as usize] = h;
+        let at = (head * band.queries + query) as usize * dim as usize + offset as usize;
+        #[unroll]
+        for d in 0..part_len {
+            own_q[(r * part_len + d) as usize] = f32::cast_from(q[at + d as usize]) * band.scale;
+            acc[(r * part_len + d) as usize] = 0.0;
+        }
+        max[r as usize] = f32::new(HIDDEN);
+        sum[r as usize] = 0.0;
     }
-    let mut max = f32::new(HIDDEN);
-    let mut sum = 0.0f32;
     let mut keys_tile = SharedMemory::<f32>::new((tile * dim) as usize);
     let mut values_tile = SharedMemory::<f32>::new((tile * dim) as usize);
     let mut kept = SharedMemory::<u32>::new(tile as usize);
@@ -212,39 +229,58 @@ pub fn attention_forward_rows<F: Float, M: Int>(
     while j0 < end {
         load_tile::<F>(k, &mut keys_tile, head, j0, band.keys, 1.0, tile, dim);
         load_tile::<F>(v, &mut values_tile, head, j0, band.keys, 1.0, tile, dim);
-        if unit < tile {
-            kept[unit as usize] = u32::cast_from(key_kept::<M>(
+        let mut slot = unit;
+        while slot < tile {
+            kept[slot as usize] = u32::cast_from(key_kept::<M>(
                 mask,
                 head,
-                j0 + unit,
+                j0 + slot,
                 band.keys,
                 layout.masked,
             ));
+            slot += CUBE_DIM;
         }
         sync_cube();
         for t in 0..tile {
-            let mut dot = 0.0f32;
+            #[unroll]
+            for r in 0..per_unit {
+                weights[r as usize] = 0.0;
+            }
             #[unroll]
             for d in 0..part_len {
-                dot += own_q[d as usize] * keys_tile[(t * dim + offset + d) as usize];
-            }
-            dot = row_sum(dot, split);
-            let j = j0 + t;
-            if j >= lo && j < hi && kept[t as usize] == 1u32 {
-                if dot > max {
-                    let rescale = f32::exp(max - dot);
-                    sum *= rescale;
-                    #[unroll]
-                    for d in 0..part_len {
-                        acc[d as usize] *= rescale;
-                    }
-                    max = dot;
-                }
-                let p = f32::exp(dot - max);
-                sum += p;
+                let feature = keys_tile[(t * dim + offset + d) as usize];
                 #[unroll]
-                for d in 0..part_len {
-                    acc[d as usize] += p * values_tile[(t * dim + offset + d) as usize];
+                for r in 0..per_unit {
+                    weights[r as usize] += own_q[(r * part_len + d) as usize] * feature;
+                }
+            }
+            let j = j0 + t;
+            let kept_j = kept[t as usize] == 1u32;
+            #[unroll]
+            for r in 0..per_unit {
+                let dot = row_sum(weights[r as usize], split);
+                let mut p = 0.0f32;
+                if kept_j && j >= lo[r as usize] && j < hi[r as usize] {
+                    if dot > max[r as usize] {
+                        let rescale = f32::exp(max[r as usize] - dot);
+                        sum[r as usize] *= rescale;
+                        #[unroll]
+                        for d in 0..part_len {
+                            acc[(r * part_len + d) as usize] *= rescale;
+                        }
+                        max[r as usize] = dot;
+                    }
+                    p = f32::exp(dot - max[r as usize]);
+                    sum[r as usize] += p;
+                }
+                weights[r as usize] = p;
+            }
+            #[unroll]
+            for d in 0..part_len {
+                let feature = values_tile[(t * dim + offset + d) as usize];
+                #[unroll]
+                for r in 0..per_unit {
+                    acc[(r * part_len + d) as usize] += weights[r as usize] * feature;
                 }
             }
         }
@@ -252,20 +288,28 @@ pub fn attention_forward_rows<F: Float, M: Int>(
         j0 += tile;
     }
 
-    if i < band.queries {
-        let inverse = select(sum > 0.0, 1.0 / sum, 0.0);
-        #[unroll]
-        for d in 0..part_len {
-            out[row_at + d as usize] = F::cast_from(acc[d as usize] * inverse);
-        }
-        if part == 0 {
-            lse[(head * band.queries + i) as usize] = select(sum > 0.0, max + f32::ln(sum), 0.0);
+    #[unroll]
+    for r in 0..per_unit {
+        let i = own_first + r;
+        if i < band.queries {
+            let total = sum[r as usize];
+            let inverse = select(total > 0.0, 1.0 / total, 0.0);
+            let at = (head * band.queries + i) as usize * dim as usize + offset as usize;
+            #[unroll]
+            for d in 0..part_len {
+                out[at + d as usize] = F::cast_from(acc[(r * part_len + d) as usize] * inverse);
+            }
+            if part == 0 {
+                lse[(head * band.queries + i) as usize] =
+                    select(total > 0.0, max[r as usize] + f32::ln(total), 0.0);
+            }
         }
     }
 }
 
 /// Backward, queries' side: `dq` and each query's `delta = Σ dout·out` (which
-/// [`attention_backward_keys`] reads). One cube per `rows` queries of a head.
+/// [`attention_backward_keys`] reads). One cube per `rows` queries of a head, `per_unit`
+/// queries to each group of `split` units.
 #[cube(launch_unchecked)]
 pub fn attention_backward_queries<F: Float, M: Int>(
     q: &Array<F>,
@@ -282,6 +326,7 @@ pub fn attention_backward_queries<F: Float, M: Int>(
 ) {
     let split = comptime![layout.split];
     let part_len = comptime![layout.dim_head / layout.split];
+    let per_unit = comptime![layout.per_unit];
     let dim = comptime![layout.dim_head];
     let tile = comptime![layout.tile];
     let (head, first) = cube_rows(layout.rows, band.queries);
@@ -290,28 +335,40 @@ pub fn attention_backward_queries<F: Float, M: Int>(
     }
     let unit = UNIT_POS;
     let part = unit % split;
-    let i = first + unit / split;
-    let query = u32::min(i, band.queries - 1);
-    let (lo, hi) = key_range(query, &band, layout.causal, layout.exact);
+    let own_first = first + (unit / split) * per_unit;
     let last = u32::min(first + layout.rows, band.queries) - 1;
     let (start, _) = key_range(first, &band, layout.causal, layout.exact);
     let (_, end) = key_range(last, &band, layout.causal, layout.exact);
-
     let offset = part * part_len;
-    let row_at = (head * band.queries + query) as usize * dim as usize + offset as usize;
-    let mut own_q = Array::<f32>::new(part_len as usize);
-    let mut own_grad = Array::<f32>::new(part_len as usize);
-    let mut acc = Array::<f32>::new(part_len as usize);
-    let mut own_delta = 0.0f32;
+
+    let mut own_q = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut own_grad = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut acc = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut lo = Array::<u32>::new(per_unit as usize);
+    let mut hi = Array::<u32>::new(per_unit as usize);
+    let mut own_lse = Array::<f32>::new(per_unit as usize);
+    let mut own_delta = Array::<f32>::new(per_unit as usize);
+    let mut dots = Array::<f32>::new(per_unit as usize);
+    let mut grad_dots = Array::<f32>::new(per_unit as usize);
     #[unroll]
-    for d in 0..part_len {
-        own_q[d as usize] = f32::cast_from(q[row_at + d as usize]) * band.scale;
-        own_grad[d as usize] = f32::cast_from(grad[row_at + d as usize]);
-        own_delta += own_grad[d as usize] * f32::cast_from(out[row_at + d as usize]);
-        acc[d as usize] = 0.0;
+    for r in 0..per_unit {
+        let query = u32::min(own_first + r, band.queries - 1);
+        let (l, h) = key_range(query, &band, layout.causal, layout.exact);
+        lo[r as usize] = l;
+        hi[r as usize] = h;
+        let at = (head * band.queries + query) as usize * dim as usize + offset as usize;
+        let mut partial = 0.0f32;
+        #[unroll]
+        for d in 0..part_len {
+            let g = f32::cast_from(grad[at + d as usize]);
+            own_q[(r * part_len + d) as usize] = f32::cast_from(q[at + d as usize]) * band.scale;
+            own_grad[(r * part_len + d) as usize] = g;
+            partial += g * f32::cast_from(out[at + d as usize]);
+            acc[(r * part_len + d) as usize] = 0.0;
+        }
+        own_delta[r as usize] = row_sum(partial, split);
+        own_lse[r as usize] = lse[(head * band.queries + query) as usize];
     }
-    own_delta = row_sum(own_delta, split);
-    let own_lse = lse[(head * band.queries + query) as usize];
     let mut keys_tile = SharedMemory::<f32>::new((tile * dim) as usize);
     let mut values_tile = SharedMemory::<f32>::new((tile * dim) as usize);
     let mut kept = SharedMemory::<u32>::new(tile as usize);
@@ -320,47 +377,70 @@ pub fn attention_backward_queries<F: Float, M: Int>(
     while j0 < end {
         load_tile::<F>(k, &mut keys_tile, head, j0, band.keys, 1.0, tile, dim);
         load_tile::<F>(v, &mut values_tile, head, j0, band.keys, 1.0, tile, dim);
-        if unit < tile {
-            kept[unit as usize] = u32::cast_from(key_kept::<M>(
+        let mut slot = unit;
+        while slot < tile {
+            kept[slot as usize] = u32::cast_from(key_kept::<M>(
                 mask,
                 head,
-                j0 + unit,
+                j0 + slot,
                 band.keys,
                 layout.masked,
             ));
+            slot += CUBE_DIM;
         }
         sync_cube();
         for t in 0..tile {
-            let mut dot = 0.0f32;
-            let mut grad_dot = 0.0f32;
+            #[unroll]
+            for r in 0..per_unit {
+                dots[r as usize] = 0.0;
+                grad_dots[r as usize] = 0.0;
+            }
             #[unroll]
             for d in 0..part_len {
                 let at = (t * dim + offset + d) as usize;
-                dot += own_q[d as usize] * keys_tile[at];
-                grad_dot += own_grad[d as usize] * values_tile[at];
+                let key_feature = keys_tile[at];
+                let value_feature = values_tile[at];
+                #[unroll]
+                for r in 0..per_unit {
+                    dots[r as usize] += own_q[(r * part_len + d) as usize] * key_feature;
+                    grad_dots[r as usize] += own_grad[(r * part_len + d) as usize] * value_feature;
+                }
             }
-            dot = row_sum(dot, split);
-            grad_dot = row_sum(grad_dot, split);
             let j = j0 + t;
-            let seen = j >= lo && j < hi && kept[t as usize] == 1u32;
-            let p = select(seen, f32::exp(dot - own_lse), 0.0);
-            let d_logit = p * (grad_dot - own_delta);
+            let kept_j = kept[t as usize] == 1u32;
+            #[unroll]
+            for r in 0..per_unit {
+                let dot = row_sum(dots[r as usize], split);
+                let grad_dot = row_sum(grad_dots[r as usize], split);
+                let seen = kept_j && j >= lo[r as usize] && j < hi[r as usize];
+                let p = select(seen, f32::exp(dot - own_lse[r as usize]), 0.0);
+                dots[r as usize] = p * (grad_dot - own_delta[r as usize]);
+            }
             #[unroll]
             for d in 0..part_len {
-                acc[d as usize] += d_logit * keys_tile[(t * dim + offset + d) as usize];
+                let feature = keys_tile[(t * dim + offset + d) as usize];
+                #[unroll]
+                for r in 0..per_unit {
+                    acc[(r * part_len + d) as usize] += dots[r as usize] * feature;
+                }
             }
         }
         sync_cube();
         j0 += tile;
     }
 
-    if i < band.queries {
-        #[unroll]
-        for d in 0..part_len {
-            dq[row_at + d as usize] = F::cast_from(acc[d as usize] * band.scale);
-        }
-        if part == 0 {
-            delta[(head * band.queries + i) as usize] = own_delta;
+    #[unroll]
+    for r in 0..per_unit {
+        let i = own_first + r;
+        if i < band.queries {
+            let at = (head * band.queries + i) as usize * dim as usize + offset as usize;
+            #[unroll]
+            for d in 0..part_len {
+                dq[at + d as usize] = F::cast_from(acc[(r * part_len + d) as usize] * band.scale);
+            }
+            if part == 0 {
+                delta[(head * band.queries + i) as usize] = own_delta[r as usize];
+            }
         }
     }
 }
@@ -409,9 +489,9 @@ fn queries_starting_by(
     low
 }
 
-/// Backward, keys' side: `dk` and `dv`. One cube per `rows` keys of a head; it visits the
-/// queries whose ranges reach its keys (ranges are monotone in the query, so these form
-/// one stretch, found by bisection).
+/// Backward, keys' side: `dk` and `dv`. One cube per `rows` keys of a head, `per_unit` keys
+/// to each group of `split` units; it visits the queries whose ranges reach its keys
+/// (ranges are monotone in the query, so these form one stretch, found by bisection).
 #[cube(launch_unchecked)]
 pub fn attention_backward_keys<F: Float, M: Int>(
     q: &Array<F>,
@@ -428,6 +508,7 @@ pub fn attention_backward_keys<F: Float, M: Int>(
 ) {
     let split = comptime![layout.split];
     let part_len = comptime![layout.dim_head / layout.split];
+    let per_unit = comptime![layout.per_unit];
     let dim = comptime![layout.dim_head];
     let tile = comptime![layout.tile];
     let (head, first) = cube_rows(layout.rows, band.keys);
@@ -436,25 +517,33 @@ pub fn attention_backward_keys<F: Float, M: Int>(
     }
     let unit = UNIT_POS;
     let part = unit % split;
-    let j = first + unit / split;
-    let key = u32::min(j, band.keys - 1);
+    let own_first = first + (unit / split) * per_unit;
     let last = u32::min(first + layout.rows, band.keys) - 1;
     let start = first_query_after(first, &band, layout.causal, layout.exact);
     let end = queries_starting_by(last, &band, layout.causal, layout.exact);
-    let own_kept = key_kept::<M>(mask, head, j, band.keys, layout.masked);
-
     let offset = part * part_len;
-    let row_at = (head * band.keys + key) as usize * dim as usize + offset as usize;
-    let mut own_k = Array::<f32>::new(part_len as usize);
-    let mut own_v = Array::<f32>::new(part_len as usize);
-    let mut acc_k = Array::<f32>::new(part_len as usize);
-    let mut acc_v = Array::<f32>::new(part_len as usize);
+
+    let mut own_k = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut own_v = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut acc_k = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut acc_v = Array::<f32>::new((per_unit * part_len) as usize);
+    let mut own_kept = Array::<u32>::new(per_unit as usize);
+    let mut dots = Array::<f32>::new(per_unit as usize);
+    let mut grad_dots = Array::<f32>::new(per_unit as usize);
     #[unroll]
-    for d in 0..part_len {
-        own_k[d as usize] = f32::cast_from(k[row_at + d as usize]);
-        own_v[d as usize] = f32::cast_from(v[row_at + d as usize]);
-        acc_k[d as usize] = 0.0;
-        acc_v[d as usize] = 0.0;
+    for r in 0..per_unit {
+        let j = own_first + r;
+        let key = u32::min(j, band.keys - 1);
+        own_kept[r as usize] =
+            u32::cast_from(key_kept::<M>(mask, head, j, band.keys, layout.masked));
+        let at = (head * band.keys + key) as usize * dim as usize + offset as usize;
+        #[unroll]
+        for d in 0..part_len {
+            own_k[(r * part_len + d) as usize] = f32::cast_from(k[at + d as usize]);
+            own_v[(r * part_len + d) as usize] = f32::cast_from(v[at + d as usize]);
+            acc_k[(r * part_len + d) as usize] = 0.0;
+            acc_v[(r * part_len + d) as usize] = 0.0;
+        }
     }
     let mut queries_tile = SharedMemory::<f32>::new((tile * dim) as usize);
     let mut grads_tile = SharedMemory::<f32>::new((tile * dim) as usize);
@@ -486,48 +575,77 @@ pub fn attention_backward_keys<F: Float, M: Int>(
             tile,
             dim,
         );
-        if unit < tile {
-            let i = i0 + unit;
+        let mut slot = unit;
+        while slot < tile {
+            let i = i0 + slot;
             let query = u32::min(i, band.queries - 1);
             let (lo, hi) = key_range(query, &band, layout.causal, layout.exact);
             let at = (head * band.queries + query) as usize;
-            lse_tile[unit as usize] = lse[at];
-            delta_tile[unit as usize] = delta[at];
-            lo_tile[unit as usize] = lo;
+            lse_tile[slot as usize] = lse[at];
+            delta_tile[slot as usize] = delta[at];
+            lo_tile[slot as usize] = lo;
             // Queries past the end see nothing.
-            hi_tile[unit as usize] = select(i < band.queries, hi, 0u32);
+            hi_tile[slot as usize] = select(i < band.queries, hi, 0u32);
+            slot += CUBE_DIM;
         }
         sync_cube();
         for t in 0..tile {
-            let mut dot = 0.0f32;
-            let mut grad_dot = 0.0f32;
             #[unroll]
-            for d in 0..part_len {
-                let at = (t * dim + offset + d) as usize;
-                dot += queries_tile[at] * own_k[d as usize];
-                grad_dot += grads_tile[at] * own_v[d as usize];
+            for r in 0..per_unit {
+                dots[r as usize] = 0.0;
+                grad_dots[r as usize] = 0.0;
             }
-            dot = row_sum(dot, split);
-            grad_dot = row_sum(grad_dot, split);
-            let seen = own_kept && j >= lo_tile[t as usize] && j < hi_tile[t as usize];
-            let p = select(seen, f32::exp(dot - lse_tile[t as usize]), 0.0);
-            let d_logit = p * (grad_dot - delta_tile[t as usize]);
             #[unroll]
             for d in 0..part_len {
                 let at = (t * dim + offset + d) as usize;
-                acc_v[d as usize] += p * grads_tile[at];
-                acc_k[d as usize] += d_logit * queries_tile[at];
+                let query_feature = queries_tile[at];
+                let grad_feature = grads_tile[at];
+                #[unroll]
+                for r in 0..per_unit {
+                    dots[r as usize] += query_feature * own_k[(r * part_len + d) as usize];
+                    grad_dots[r as usize] += grad_feature * own_v[(r * part_len + d) as usize];
+                }
+            }
+            let lo = lo_tile[t as usize];
+            let hi = hi_tile[t as usize];
+            let query_lse = lse_tile[t as usize];
+            let query_delta = delta_tile[t as usize];
+            #[unroll]
+            for r in 0..per_unit {
+                let j = own_first + r;
+                let dot = row_sum(dots[r as usize], split);
+                let grad_dot = row_sum(grad_dots[r as usize], split);
+                let seen = own_kept[r as usize] == 1u32 && j >= lo && j < hi;
+                let p = select(seen, f32::exp(dot - query_lse), 0.0);
+                dots[r as usize] = p;
+                grad_dots[r as usize] = p * (grad_dot - query_delta);
+            }
+            #[unroll]
+            for d in 0..part_len {
+                let at = (t * dim + offset + d) as usize;
+                let query_feature = queries_tile[at];
+                let grad_feature = grads_tile[at];
+                #[unroll]
+                for r in 0..per_unit {
+                    acc_v[(r * part_len + d) as usize] += dots[r as usize] * grad_feature;
+                    acc_k[(r * part_len + d) as usize] += grad_dots[r as usize] * query_feature;
+                }
             }
         }
         sync_cube();
         i0 += tile;
     }
 
-    if j < band.keys {
-        #[unroll]
-        for d in 0..part_len {
-            dk[row_at + d as usize] = F::cast_from(acc_k[d as usize]);
-            dv[row_at + d as usize] = F::cast_from(acc_v[d as usize]);
+    #[unroll]
+    for r in 0..per_unit {
+        let j = own_first + r;
+        if j < band.keys {
+            let at = (head * band.keys + j) as usize * dim as usize + offset as usize;
+            #[unroll]
+            for d in 0..part_len {
+                dk[at + d as usize] = F::cast_from(acc_k[(r * part_len + d) as usize]);
+                dv[at + d as usize] = F::cast_from(acc_v[(r * part_len + d) as usize]);
+            }
         }
     }
 }
@@ -616,15 +734,21 @@ pub struct AttentionInputs<'a> {
 
 /// The largest `dim_head` the kernels take.
 pub const MAX_DIM_HEAD: usize = 256;
-/// Features of a row each unit holds, at most.
-const FEATURES_PER_UNIT: usize = 32;
+/// Features of a row each unit holds (fewer for heads narrower than 16).
+const FEATURES_PER_UNIT: usize = 16;
 /// Rows of a cube.
 const ROWS_PER_CUBE: usize = 64;
+/// Queries each group of units holds in the forward: every key feature read from shared
+/// memory then serves 4 products.
+const FORWARD_ROWS_PER_UNIT: u32 = 4;
+/// Queries (dq) or keys (dk, dv) each group holds in the backward, which keeps twice the
+/// features per row in registers.
+const BACKWARD_ROWS_PER_UNIT: u32 = 2;
 
 /// A checked launch: layout, grid and arguments.
 struct AttentionLaunch<R: Runtime> {
+    /// The layout, with `per_unit` set by each kernel's launch.
     layout: AttentionLayout,
-    units: u32,
     /// The mask (a one-element placeholder without one) and its length.
     mask: (Handle, usize),
     runtime: std::marker::PhantomData<R>,
@@ -644,7 +768,12 @@ impl<R: Runtime> AttentionLaunch<R> {
         if batch_heads == 0 || queries == 0 || keys == 0 || inputs.band.window == 0 {
             return Err(LaunchError::Attention(inputs.shape));
         }
+        let hardware = &client.properties().hardware;
+        // A row's units must lie in one plane.
         let split = dim_head.div_ceil(FEATURES_PER_UNIT).next_power_of_two();
+        if split > 16 || split > hardware.plane_size_min as usize {
+            return Err(LaunchError::Attention(inputs.shape));
+        }
         let too_long = |n: usize| n > i32::MAX as usize / 4;
         if dim_head == 0
             || dim_head > MAX_DIM_HEAD
@@ -656,15 +785,17 @@ impl<R: Runtime> AttentionLaunch<R> {
         {
             return Err(LaunchError::Attention(inputs.shape));
         }
-        let hardware = &client.properties().hardware;
         let max_units = hardware.max_units_per_cube as usize;
-        let rows = (max_units / split).min(ROWS_PER_CUBE);
+        // A multiple of every kernel's rows per unit, so that no group reaches past its cube.
+        let per_unit = FORWARD_ROWS_PER_UNIT.max(BACKWARD_ROWS_PER_UNIT) as usize;
+        let rows = (max_units / split).min(ROWS_PER_CUBE) / per_unit * per_unit;
+        if rows == 0 {
+            return Err(LaunchError::Attention(inputs.shape));
+        }
         // Two tiles of f32 features and four words per tile row must fit shared memory.
         let tile = [32usize, 16, 8]
             .into_iter()
-            .find(|&tile| {
-                tile <= rows && 4 * tile * (2 * dim_head + 4) <= hardware.max_shared_memory_size
-            })
+            .find(|&tile| 4 * tile * (2 * dim_head + 4) <= hardware.max_shared_memory_size)
             .ok_or(LaunchError::SharedMemory {
                 bytes: 4 * 8 * (2 * dim_head + 4),
                 available: hardware.max_shared_memory_size,
@@ -678,15 +809,25 @@ impl<R: Runtime> AttentionLaunch<R> {
                 dim_head: dim_head as u32,
                 split: split as u32,
                 rows: rows as u32,
+                per_unit: 1,
                 tile: tile as u32,
                 masked: inputs.mask.is_some(),
                 causal: inputs.band.causal_offset.is_some(),
                 exact: inputs.band.exact,
             },
-            units: (rows * split) as u32,
             mask,
             runtime: std::marker::PhantomData,
         })
+    }
+
+    /// The layout with `per_unit` rows to each group of units, and the units of a cube.
+    fn layout(&self, per_unit: u32) -> (AttentionLayout, CubeDim) {
+        let layout = AttentionLayout {
+            per_unit,
+            ..self.layout
+        };
+        let units = layout.rows.div_ceil(per_unit) * layout.split;
+        (layout, CubeDim::new_1d(units))
     }
 
     fn mask(&self) -> ArrayArg<R> {
@@ -735,11 +876,12 @@ pub fn attention_forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElemen
     let kv_len = batch_heads * keys * dim_head;
     let out = client.empty(q_len * F::type_size());
     let lse = client.empty(batch_heads * queries * 4);
+    let (layout, units) = launch.layout(FORWARD_ROWS_PER_UNIT);
     unsafe {
         attention_forward_rows::launch_unchecked::<F, M, R>(
             client,
             launch.cubes(inputs, queries),
-            CubeDim::new_1d(launch.units),
+            units,
             ArrayArg::from_raw_parts(inputs.q.clone(), q_len),
             ArrayArg::from_raw_parts(inputs.k.clone(), kv_len),
             ArrayArg::from_raw_parts(inputs.v.clone(), kv_len),
@@ -747,7 +889,7 @@ pub fn attention_forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElemen
             ArrayArg::from_raw_parts(out.clone(), q_len),
             ArrayArg::from_raw_parts(lse.clone(), batch_heads * queries),
             launch.band(inputs),
-            launch.layout,
+            layout,
         );
     }
     Ok((out, lse))
@@ -776,12 +918,13 @@ pub fn attention_backward<R: Runtime, F: Float + CubeElement, M: Int + CubeEleme
     let dk = client.empty(kv_len * F::type_size());
     let dv = client.empty(kv_len * F::type_size());
     let delta = client.empty(rows * 4);
+    let (layout, units) = launch.layout(BACKWARD_ROWS_PER_UNIT);
     unsafe {
         let array = |handle: &Handle, len| ArrayArg::from_raw_parts(handle.clone(), len);
         attention_backward_queries::launch_unchecked::<F, M, R>(
             client,
             launch.cubes(inputs, queries),
-            CubeDim::new_1d(launch.units),
+            units,
             array(inputs.q, q_len),
             array(inputs.k, kv_len),
             array(inputs.v, kv_len),
@@ -792,12 +935,12 @@ pub fn attention_backward<R: Runtime, F: Float + CubeElement, M: Int + CubeEleme
             array(&dq, q_len),
             array(&delta, rows),
             launch.band(inputs),
-            launch.layout,
+            layout,
         );
         attention_backward_keys::launch_unchecked::<F, M, R>(
             client,
             launch.cubes(inputs, keys),
-            CubeDim::new_1d(launch.units),
+            units,
             array(inputs.q, q_len),
             array(inputs.k, kv_len),
             array(inputs.v, kv_len),
@@ -808,7 +951,7 @@ pub fn attention_backward<R: Runtime, F: Float + CubeElement, M: Int + CubeEleme
             array(&dk, kv_len),
             array(&dv, kv_len),
             launch.band(inputs),
-            launch.layout,
+            layout,
         );
     }
     Ok((dq, dk, dv))
