@@ -32,6 +32,9 @@ enum BenchCommand {
     /// forward+backward, memory) for the configuration of the reference's
     /// `bench_block.py`.
     Block(crate::bench_block::BlockArgs),
+    /// The fused attention kernels (whole attention and the CoLT5 block's local band,
+    /// forward and backward) on the GPU, for several layouts of rows on units.
+    Attention(crate::bench_attention::AttentionArgs),
 }
 
 /// Language-model configurations of the benchmark.
@@ -116,6 +119,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Lm(args) => run_on(args.backend, LmJob(args)),
         BenchCommand::Cd(args) => crate::bench_cd::run(args),
         BenchCommand::Block(args) => crate::bench_block::run(args),
+        BenchCommand::Attention(args) => crate::bench_attention::run(args),
     }
 }
 

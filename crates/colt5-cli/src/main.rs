@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_attention;
 mod bench_block;
 mod bench_cd;
 mod checkpoint;

@@ -730,20 +730,38 @@ pub struct AttentionInputs<'a> {
     pub band: Band,
     /// The logits' scale.
     pub scale: f32,
+    /// How rows map onto units.
+    pub tuning: AttentionTuning,
+}
+
+/// How the kernels spread rows over units. The default is what measured fastest on an
+/// H200 (`colt5 bench attention` times the alternatives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionTuning {
+    /// Features of a row each unit holds (a row's units are rounded to a power of two).
+    pub features_per_unit: usize,
+    /// Rows (queries, or keys for dk/dv) of a cube.
+    pub rows_per_cube: usize,
+    /// Queries each group of units holds in the forward: every key feature read from
+    /// shared memory serves that many products.
+    pub forward_rows_per_unit: u32,
+    /// Queries (dq) or keys (dk, dv) each group holds in the backward.
+    pub backward_rows_per_unit: u32,
+}
+
+impl Default for AttentionTuning {
+    fn default() -> Self {
+        AttentionTuning {
+            features_per_unit: 16,
+            rows_per_cube: 64,
+            forward_rows_per_unit: 4,
+            backward_rows_per_unit: 2,
+        }
+    }
 }
 
 /// The largest `dim_head` the kernels take.
 pub const MAX_DIM_HEAD: usize = 256;
-/// Features of a row each unit holds (fewer for heads narrower than 16).
-const FEATURES_PER_UNIT: usize = 16;
-/// Rows of a cube.
-const ROWS_PER_CUBE: usize = 64;
-/// Queries each group of units holds in the forward: every key feature read from shared
-/// memory then serves 4 products.
-const FORWARD_ROWS_PER_UNIT: u32 = 4;
-/// Queries (dq) or keys (dk, dv) each group holds in the backward, which keeps twice the
-/// features per row in registers.
-const BACKWARD_ROWS_PER_UNIT: u32 = 2;
 
 /// A checked launch: layout, grid and arguments.
 struct AttentionLaunch<R: Runtime> {
@@ -770,7 +788,10 @@ impl<R: Runtime> AttentionLaunch<R> {
         }
         let hardware = &client.properties().hardware;
         // A row's units must lie in one plane.
-        let split = dim_head.div_ceil(FEATURES_PER_UNIT).next_power_of_two();
+        let tuning = inputs.tuning;
+        let split = dim_head
+            .div_ceil(tuning.features_per_unit.max(1))
+            .next_power_of_two();
         if split > 16 || split > hardware.plane_size_min as usize {
             return Err(LaunchError::Attention(inputs.shape));
         }
@@ -787,9 +808,12 @@ impl<R: Runtime> AttentionLaunch<R> {
         }
         let max_units = hardware.max_units_per_cube as usize;
         // A multiple of every kernel's rows per unit, so that no group reaches past its cube.
-        let per_unit = FORWARD_ROWS_PER_UNIT.max(BACKWARD_ROWS_PER_UNIT) as usize;
-        let rows = (max_units / split).min(ROWS_PER_CUBE) / per_unit * per_unit;
-        if rows == 0 {
+        let per_unit = tuning
+            .forward_rows_per_unit
+            .max(tuning.backward_rows_per_unit)
+            .max(1) as usize;
+        let rows = (max_units / split).min(tuning.rows_per_cube) / per_unit * per_unit;
+        if rows == 0 || tuning.forward_rows_per_unit == 0 || tuning.backward_rows_per_unit == 0 {
             return Err(LaunchError::Attention(inputs.shape));
         }
         // Two tiles of f32 features and four words per tile row must fit shared memory.
@@ -876,7 +900,7 @@ pub fn attention_forward<R: Runtime, F: Float + CubeElement, M: Int + CubeElemen
     let kv_len = batch_heads * keys * dim_head;
     let out = client.empty(q_len * F::type_size());
     let lse = client.empty(batch_heads * queries * 4);
-    let (layout, units) = launch.layout(FORWARD_ROWS_PER_UNIT);
+    let (layout, units) = launch.layout(inputs.tuning.forward_rows_per_unit);
     unsafe {
         attention_forward_rows::launch_unchecked::<F, M, R>(
             client,
@@ -918,7 +942,7 @@ pub fn attention_backward<R: Runtime, F: Float + CubeElement, M: Int + CubeEleme
     let dk = client.empty(kv_len * F::type_size());
     let dv = client.empty(kv_len * F::type_size());
     let delta = client.empty(rows * 4);
-    let (layout, units) = launch.layout(BACKWARD_ROWS_PER_UNIT);
+    let (layout, units) = launch.layout(inputs.tuning.backward_rows_per_unit);
     unsafe {
         let array = |handle: &Handle, len| ArrayArg::from_raw_parts(handle.clone(), len);
         attention_backward_queries::launch_unchecked::<F, M, R>(

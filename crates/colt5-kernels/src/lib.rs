@@ -29,7 +29,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 pub use attention::{
-    attention_backward, attention_forward, AttentionInputs, AttentionShape, Band, MAX_DIM_HEAD,
+    attention_backward, attention_forward, AttentionInputs, AttentionShape, AttentionTuning, Band,
+    MAX_DIM_HEAD,
 };
 use kernels::{
     clear_words, BACKWARD_BAND_WORDS, COEFFICIENTS_PER_STEP, FORWARD_BANDS, FORWARD_BAND_WORDS,

@@ -128,6 +128,7 @@ impl<R: CubeRuntime> Call<R> {
             shape: self.shape,
             band: self.band,
             scale: self.scale,
+            tuning: Default::default(),
         }
     }
 
