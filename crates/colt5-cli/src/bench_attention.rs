@@ -12,7 +12,8 @@ pub struct AttentionArgs {
     seqs: Vec<usize>,
     /// Layouts `FEATURES/ROWS/FORWARD/BACKWARD`: features of a row per unit, rows per
     /// cube, queries per group in the forward, rows per group in the backward (e.g.
-    /// `16/64/4/2`). Default: the kernels' own.
+    /// `16/64/4/2`), each after the kernels' default layout, whose outputs and gradients
+    /// the others' are compared with.
     #[arg(long, num_args = 1..)]
     layouts: Vec<String>,
     /// Timed runs per measurement (the median is reported).
@@ -111,10 +112,17 @@ mod gpu {
         client.create_from_slice(f32::as_bytes(&values))
     }
 
+    fn read(client: &ComputeClient<Gpu>, handle: &Handle) -> Result<Vec<f32>> {
+        let bytes = client
+            .read_one(handle.clone())
+            .map_err(|e| anyhow!("reading back from the device: {e:?}"))?;
+        Ok(f32::from_bytes(&bytes).to_vec())
+    }
+
     pub fn run(args: &AttentionArgs, layouts: &[[usize; 4]]) -> Result<()> {
         let device = Default::default();
         let client = Gpu::client(&device);
-        let mut tunings: Vec<AttentionTuning> = layouts
+        let tunings: Vec<AttentionTuning> = layouts
             .iter()
             .map(|&[f, r, a, b]| AttentionTuning {
                 features_per_unit: f,
@@ -123,12 +131,9 @@ mod gpu {
                 backward_rows_per_unit: b as u32,
             })
             .collect();
-        if tunings.is_empty() {
-            tunings.push(AttentionTuning::default());
-        }
         println!("{HEADS} heads of {DIM_HEAD}, batch 1, f32");
-        println!("| keys | seq | layout | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s |");
-        println!("|---|---|---|---|---|---|---|");
+        println!("| keys | seq | layout | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s | max |Δ| vs default |");
+        println!("|---|---|---|---|---|---|---|---|");
         for &seq in &args.seqs {
             // The CoLT5 block's light attention: windows of 64, one on either side, exact.
             let local = Band {
@@ -160,7 +165,8 @@ mod gpu {
                 // work is five such products (2.5× the forward), as flash-attention
                 // benchmarks count it (the kernels recompute two more).
                 let forward_flops = (4 * HEADS * DIM_HEAD * pairs) as f64;
-                for &tuning in &tunings {
+                let mut reference = None;
+                for &tuning in std::iter::once(&AttentionTuning::default()).chain(&tunings) {
                     let inputs = AttentionInputs {
                         q: &q,
                         k: &k,
@@ -180,6 +186,27 @@ mod gpu {
                     let (out, lse) =
                         colt5_kernels::attention_forward::<Gpu, f32, u8>(&client, &inputs)
                             .map_err(launch_error)?;
+                    let (dq, dk, dv) = colt5_kernels::attention_backward::<Gpu, f32, u8>(
+                        &client, &inputs, &out, &lse, &g,
+                    )
+                    .map_err(launch_error)?;
+                    // Every output, against the default layout's (the tests check that one
+                    // against the CPU).
+                    let results = [&out, &dq, &dk, &dv]
+                        .into_iter()
+                        .map(|handle| read(&client, handle))
+                        .collect::<Result<Vec<_>>>()?;
+                    let difference = match &reference {
+                        None => {
+                            reference = Some(results);
+                            0.0
+                        }
+                        Some(expected) => results
+                            .iter()
+                            .zip(expected)
+                            .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+                            .fold(0.0f32, f32::max),
+                    };
                     let forward = median_ms(&client, args.runs, || {
                         colt5_kernels::attention_forward::<Gpu, f32, u8>(&client, &inputs)
                             .map(drop)
@@ -193,7 +220,7 @@ mod gpu {
                         .map_err(launch_error)
                     })?;
                     println!(
-                        "| {name} | {seq} | {}/{}/{}/{} | {forward:.3} | {backward:.3} | {:.1} | {:.1} |",
+                        "| {name} | {seq} | {}/{}/{}/{} | {forward:.3} | {backward:.3} | {:.1} | {:.1} | {difference:.1e} |",
                         tuning.features_per_unit,
                         tuning.rows_per_cube,
                         tuning.forward_rows_per_unit,

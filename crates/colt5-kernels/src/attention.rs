@@ -734,8 +734,11 @@ pub struct AttentionInputs<'a> {
     pub tuning: AttentionTuning,
 }
 
-/// How the kernels spread rows over units. The default is what measured fastest on an
-/// H200 (`colt5 bench attention` times the alternatives).
+/// How the kernels spread rows over units. The default (32 features of a row per unit,
+/// 64 rows per cube, one row per group of units) was within 10 % of the fastest of ten
+/// layouts on every measured case on an H200, where more rows per group (fewer reads of
+/// shared memory per product, more shuffles and registers) won only in some
+/// (`colt5 bench attention --layouts …` times them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionTuning {
     /// Features of a row each unit holds (a row's units are rounded to a power of two).
@@ -752,10 +755,10 @@ pub struct AttentionTuning {
 impl Default for AttentionTuning {
     fn default() -> Self {
         AttentionTuning {
-            features_per_unit: 16,
+            features_per_unit: 32,
             rows_per_cube: 64,
-            forward_rows_per_unit: 4,
-            backward_rows_per_unit: 2,
+            forward_rows_per_unit: 1,
+            backward_rows_per_unit: 1,
         }
     }
 }
