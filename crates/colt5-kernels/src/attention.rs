@@ -167,6 +167,49 @@ fn key_kept<M: Int>(
     kept
 }
 
+/// A query cube's head, first query, and the keys `[start, end)` its queries' bands cover.
+#[cube]
+fn query_block(band: &BandArgs, #[comptime] layout: AttentionLayout) -> (u32, u32, u32, u32) {
+    let (head, first) = cube_rows(layout.rows, band.queries);
+    let last = u32::min(first + layout.rows, band.queries) - 1;
+    let (start, _) = key_range(first, band, layout.causal, layout.exact);
+    let (_, end) = key_range(last, band, layout.causal, layout.exact);
+    (head, first, start, end)
+}
+
+/// Keys and values `[j0, j0 + tile)` of head `head` into shared memory, with whether each
+/// passes the mask (1) or not (0).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_keys<F: Float, M: Int>(
+    k: &Array<F>,
+    v: &Array<F>,
+    mask: &Array<M>,
+    keys_tile: &mut SharedMemory<f32>,
+    values_tile: &mut SharedMemory<f32>,
+    kept: &mut SharedMemory<u32>,
+    head: u32,
+    j0: u32,
+    band: &BandArgs,
+    #[comptime] layout: AttentionLayout,
+) {
+    let tile = comptime![layout.tile];
+    let dim = comptime![layout.dim_head];
+    load_tile::<F>(k, keys_tile, head, j0, band.keys, 1.0, tile, dim);
+    load_tile::<F>(v, values_tile, head, j0, band.keys, 1.0, tile, dim);
+    let mut slot = UNIT_POS;
+    while slot < tile {
+        kept[slot as usize] = u32::cast_from(key_kept::<M>(
+            mask,
+            head,
+            j0 + slot,
+            band.keys,
+            layout.masked,
+        ));
+        slot += CUBE_DIM;
+    }
+}
+
 /// Forward: `out [heads, queries, dim]` and the log-sum-exp of each query's scaled logits
 /// (`lse [heads, queries]`, 0 where the query sees no key, whose output is 0). One cube
 /// per `rows` queries of a head; each group of `split` units holds `per_unit` queries, so
@@ -187,16 +230,13 @@ pub fn attention_forward_rows<F: Float, M: Int>(
     let per_unit = comptime![layout.per_unit];
     let dim = comptime![layout.dim_head];
     let tile = comptime![layout.tile];
-    let (head, first) = cube_rows(layout.rows, band.queries);
+    let (head, first, start, end) = query_block(&band, layout);
     if head >= band.batch_heads {
         terminate!();
     }
     let unit = UNIT_POS;
     let part = unit % split;
     let own_first = first + (unit / split) * per_unit;
-    let last = u32::min(first + layout.rows, band.queries) - 1;
-    let (start, _) = key_range(first, &band, layout.causal, layout.exact);
-    let (_, end) = key_range(last, &band, layout.causal, layout.exact);
     let offset = part * part_len;
 
     let mut own_q = Array::<f32>::new((per_unit * part_len) as usize);
@@ -227,19 +267,18 @@ pub fn attention_forward_rows<F: Float, M: Int>(
 
     let mut j0 = start;
     while j0 < end {
-        load_tile::<F>(k, &mut keys_tile, head, j0, band.keys, 1.0, tile, dim);
-        load_tile::<F>(v, &mut values_tile, head, j0, band.keys, 1.0, tile, dim);
-        let mut slot = unit;
-        while slot < tile {
-            kept[slot as usize] = u32::cast_from(key_kept::<M>(
-                mask,
-                head,
-                j0 + slot,
-                band.keys,
-                layout.masked,
-            ));
-            slot += CUBE_DIM;
-        }
+        load_keys::<F, M>(
+            k,
+            v,
+            mask,
+            &mut keys_tile,
+            &mut values_tile,
+            &mut kept,
+            head,
+            j0,
+            &band,
+            layout,
+        );
         sync_cube();
         for t in 0..tile {
             #[unroll]
@@ -329,16 +368,13 @@ pub fn attention_backward_queries<F: Float, M: Int>(
     let per_unit = comptime![layout.per_unit];
     let dim = comptime![layout.dim_head];
     let tile = comptime![layout.tile];
-    let (head, first) = cube_rows(layout.rows, band.queries);
+    let (head, first, start, end) = query_block(&band, layout);
     if head >= band.batch_heads {
         terminate!();
     }
     let unit = UNIT_POS;
     let part = unit % split;
     let own_first = first + (unit / split) * per_unit;
-    let last = u32::min(first + layout.rows, band.queries) - 1;
-    let (start, _) = key_range(first, &band, layout.causal, layout.exact);
-    let (_, end) = key_range(last, &band, layout.causal, layout.exact);
     let offset = part * part_len;
 
     let mut own_q = Array::<f32>::new((per_unit * part_len) as usize);
@@ -375,19 +411,18 @@ pub fn attention_backward_queries<F: Float, M: Int>(
 
     let mut j0 = start;
     while j0 < end {
-        load_tile::<F>(k, &mut keys_tile, head, j0, band.keys, 1.0, tile, dim);
-        load_tile::<F>(v, &mut values_tile, head, j0, band.keys, 1.0, tile, dim);
-        let mut slot = unit;
-        while slot < tile {
-            kept[slot as usize] = u32::cast_from(key_kept::<M>(
-                mask,
-                head,
-                j0 + slot,
-                band.keys,
-                layout.masked,
-            ));
-            slot += CUBE_DIM;
-        }
+        load_keys::<F, M>(
+            k,
+            v,
+            mask,
+            &mut keys_tile,
+            &mut values_tile,
+            &mut kept,
+            head,
+            j0,
+            &band,
+            layout,
+        );
         sync_cube();
         for t in 0..tile {
             #[unroll]

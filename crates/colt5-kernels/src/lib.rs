@@ -158,7 +158,7 @@ impl std::fmt::Display for LaunchError {
             LaunchError::Attention(shape) => write!(
                 f,
                 "the fused attention does not take {shape:?} (dim_head 1 to {MAX_DIM_HEAD}, \
-                 divisible by its split of one unit per 32 features)"
+                 divisible by its split over units, within a plane and the cube's units)"
             ),
         }
     }
