@@ -771,9 +771,10 @@ pub struct AttentionInputs<'a> {
 
 /// How the kernels spread rows over units. The default (32 features of a row per unit,
 /// 64 rows per cube, one row per group of units) was within 10 % of the fastest of ten
-/// layouts on every measured case on an H200, where more rows per group (fewer reads of
-/// shared memory per product, more shuffles and registers) won only in some
-/// (`colt5 bench attention --layouts …` times them).
+/// layouts on the local band on an H200, where more rows per group (fewer reads of shared
+/// memory per product, more shuffles and registers) won only in some cases; see
+/// [`AttentionTuning::for_band`] for whole attention (`colt5 bench attention --layouts …`
+/// times them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionTuning {
     /// Features of a row each unit holds (a row's units are rounded to a power of two).
@@ -785,6 +786,25 @@ pub struct AttentionTuning {
     pub forward_rows_per_unit: u32,
     /// Queries (dq) or keys (dk, dv) each group holds in the backward.
     pub backward_rows_per_unit: u32,
+}
+
+impl AttentionTuning {
+    /// The measured layout for `band` over `keys` keys: [`Default`] for local bands; for
+    /// whole attention (one window holding every key), cubes of 128 queries, two to a group
+    /// in the forward, which ran its forward 1.33× and its backward 1.14× faster on an H200
+    /// at 16 384 tokens and lost on the local band.
+    pub fn for_band(band: &Band, keys: usize) -> Self {
+        let whole = band.window >= keys && band.look_backward == 0 && band.look_forward == 0;
+        if whole {
+            AttentionTuning {
+                rows_per_cube: 128,
+                forward_rows_per_unit: 2,
+                ..Default::default()
+            }
+        } else {
+            Default::default()
+        }
+    }
 }
 
 impl Default for AttentionTuning {

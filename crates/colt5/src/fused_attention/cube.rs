@@ -6,7 +6,7 @@ use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use colt5_kernels::{AttentionInputs, AttentionShape, Band};
+use colt5_kernels::{AttentionInputs, AttentionShape, AttentionTuning, Band};
 
 use super::{AttentionBackend, FusedAttention, Keys};
 
@@ -128,7 +128,7 @@ impl<R: CubeRuntime> Call<R> {
             shape: self.shape,
             band: self.band,
             scale: self.scale,
-            tuning: Default::default(),
+            tuning: AttentionTuning::for_band(&self.band, self.shape.keys),
         }
     }
 
