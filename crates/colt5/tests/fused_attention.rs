@@ -6,7 +6,6 @@
 //! `cargo test -p colt5 --features cuda --test fused_attention`.
 #![cfg(any(feature = "cuda", feature = "wgpu"))]
 
-use burn::backend::{Autodiff, NdArray};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Tensor, TensorData};
 use colt5::attend::AttendConfig;
@@ -15,14 +14,7 @@ use colt5::import::StateDict;
 use colt5::local_attention::{LocalMha, LocalMhaConfig};
 
 mod common;
-use common::{normals, relative_error};
-
-#[cfg(feature = "cuda")]
-type Gpu = Autodiff<burn::backend::Cuda>;
-#[cfg(not(feature = "cuda"))]
-type Gpu = Autodiff<burn::backend::Wgpu>;
-
-type Cpu = Autodiff<NdArray<f32>>;
+use common::{data, relative_error, tensor, Cpu, Gpu};
 
 /// Relative tolerance of outputs and gradients: CubeCL's f32 matrix products run in TF32
 /// on CUDA (the projections around the attention); lavapipe computes in plain f32.
@@ -30,18 +22,6 @@ type Cpu = Autodiff<NdArray<f32>>;
 const TOLERANCE: f64 = 2e-3;
 #[cfg(not(feature = "cuda"))]
 const TOLERANCE: f64 = 1e-4;
-
-fn tensor<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
-    let values: Vec<f32> = normals(seed, shape.iter().product(), 1.0)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
 
 /// The output, then the gradients of `sum(out · g)` with respect to `leaves`.
 fn output_and_gradients<B: AutodiffBackend, const D: usize>(

@@ -6,7 +6,6 @@
 //! `cargo test -p colt5 --features cuda --test gpu`.
 #![cfg(any(feature = "cuda", feature = "wgpu"))]
 
-use burn::backend::{Autodiff, NdArray};
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -15,14 +14,7 @@ use colt5::import::StateDict;
 use colt5::lm::{next_token_loss, Colt5Transformer, Colt5TransformerConfig};
 
 mod common;
-use common::{normals, relative_error};
-
-#[cfg(feature = "cuda")]
-type Gpu = Autodiff<burn::backend::Cuda>;
-#[cfg(not(feature = "cuda"))]
-type Gpu = Autodiff<burn::backend::Wgpu>;
-
-type Cpu = Autodiff<NdArray<f32>>;
+use common::{data, normals, relative_error, tensor, Cpu, Gpu};
 
 /// Relative tolerances: a layer's output, the loss, the parameter gradients. CubeCL runs
 /// f32 matrix products on CUDA tensor cores in TF32 (10-bit mantissas, ~3e-4 relative), and
@@ -63,18 +55,6 @@ fn transfer<S: Module<Cpu>, T: Module<Gpu>>(source: &S, target: T) -> T {
     StateDict::from_module(source).load_into(target).unwrap()
 }
 
-fn input<B: burn::tensor::backend::Backend>(seed: u64, shape: [usize; 3]) -> Tensor<B, 3> {
-    let values: Vec<f32> = normals(seed, shape.iter().product(), 1.0)
-        .into_iter()
-        .map(|v| v as f32)
-        .collect();
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
-
-fn data<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
 /// Each layer of the LM's block on its own, outputs against the CPU.
 fn check_layers(model: &Colt5Transformer<Cpu>, gpu: &Colt5Transformer<Gpu>) {
     let block = &model.layers[0];
@@ -82,8 +62,8 @@ fn check_layers(model: &Colt5Transformer<Cpu>, gpu: &Colt5Transformer<Gpu>) {
     let gpu_weights = data(gpu_block.attention.light_attn.to_qkv.weight.val());
     let cpu_weights = data(block.attention.light_attn.to_qkv.weight.val());
     assert_eq!(gpu_weights, cpu_weights, "the weights were not transferred");
-    let x = input::<Cpu>(3, [2, 90, 32]);
-    let y = input::<Gpu>(3, [2, 90, 32]);
+    let x = tensor::<Cpu, 3>(3, [2, 90, 32]);
+    let y = tensor::<Gpu, 3>(3, [2, 90, 32]);
     let light = relative_error(
         &data(
             gpu_block

@@ -1,5 +1,20 @@
 //! Helpers shared by the integration tests.
 
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+/// The GPU backend the GPU comparisons run on: CUDA with `--features cuda`, else wgpu.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub type Gpu = burn::backend::Autodiff<burn::backend::Cuda>;
+/// The GPU backend the GPU comparisons run on: CUDA with `--features cuda`, else wgpu.
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub type Gpu = burn::backend::Autodiff<burn::backend::Wgpu>;
+
+/// The CPU backend the GPU comparisons take as the reference.
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub type Cpu = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
 /// Deterministic pseudo-random numbers (splitmix64 → uniform → Box–Muller normals).
 pub fn normals(seed: u64, count: usize, scale: f64) -> Vec<f64> {
     let mut state = seed;
@@ -32,4 +47,21 @@ pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max);
     let scale = b.iter().map(|y| y.abs()).fold(1e-6, f64::max);
     diff / scale
+}
+
+/// A tensor of `shape` with standard normal entries drawn by [`normals`] from `seed`: the
+/// same values on every backend.
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub fn tensor<B: Backend, const D: usize>(seed: u64, shape: [usize; D]) -> Tensor<B, D> {
+    let values: Vec<f32> = normals(seed, shape.iter().product(), 1.0)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+/// A tensor's values as f64.
+#[allow(dead_code)] // the GPU comparisons use it, not every test binary
+pub fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().unwrap()
 }
