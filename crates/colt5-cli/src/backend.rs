@@ -72,6 +72,46 @@ pub fn peak_bytes<B: burn::tensor::backend::Backend>(
     Ok(Some(reserved()?.saturating_sub(before)))
 }
 
+/// Runs `work` between `cuProfilerStart` and `cuProfilerStop` (after synchronising the
+/// device on both sides), so that `ncu --profile-from-start off` records its kernels alone.
+/// Runs it unwrapped on other backends.
+pub fn profiler_range<B: burn::tensor::backend::Backend>(
+    device: &B::Device,
+    work: &dyn Fn() -> Result<()>,
+) -> Result<()> {
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device synchronisation: {e:?}"));
+    sync()?;
+    profiler(true)?;
+    let outcome = work().and_then(|()| sync());
+    profiler(false)?;
+    outcome
+}
+
+/// Starts (`true`) or stops CUDA's profiler; does nothing without CUDA.
+#[cfg(feature = "cuda")]
+fn profiler(start: bool) -> Result<()> {
+    use cudarc::driver::sys::{cuProfilerStart, cuProfilerStop, CUresult};
+    // SAFETY: both calls take no arguments and only toggle the profiler of the current
+    // context, which CubeCL made current on this thread by running `work`'s kernels.
+    let result = unsafe {
+        match start {
+            true => cuProfilerStart(),
+            false => cuProfilerStop(),
+        }
+    };
+    anyhow::ensure!(
+        result == CUresult::CUDA_SUCCESS,
+        "cuProfiler{}: {result:?}",
+        if start { "Start" } else { "Stop" }
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler(_start: bool) -> Result<()> {
+    Ok(())
+}
+
 /// `bytes` from [`peak_bytes`] in MiB for a table, "–" where not measured.
 pub fn mib(bytes: Option<u64>) -> String {
     bytes.map_or("–".into(), |b| {

@@ -42,6 +42,10 @@ pub struct BlockArgs {
     /// in a second table: the profile of where the block's time goes.
     #[arg(long)]
     profile: bool,
+    /// After timing each block, run one more forward+backward between `cuProfilerStart`
+    /// and `cuProfilerStop`, for `ncu --profile-from-start off` (CUDA; per-kernel profile).
+    #[arg(long)]
+    profiler_range: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     backend: BackendKind,
@@ -104,6 +108,7 @@ impl Job for BlockJob<'_> {
                         let row = measure::<B>(
                             device,
                             args.reps,
+                            args.profiler_range,
                             params,
                             &x,
                             &g,
@@ -135,6 +140,7 @@ impl Job for BlockJob<'_> {
                         measure::<B>(
                             device,
                             args.reps,
+                            args.profiler_range,
                             params,
                             &x,
                             &g,
@@ -206,10 +212,12 @@ struct Measured {
 
 /// Times `forward` (on the inner backend, no autodiff) and, on autodiff,
 /// `forward_backward`'s forward and the backward of sum(out · g); also the device memory
-/// each takes beyond what was allocated before.
+/// each takes beyond what was allocated before; with `profiler_range`, one more
+/// forward+backward inside [`crate::backend::profiler_range`].
 fn measure<B: AutodiffBackend>(
     device: &B::Device,
     reps: usize,
+    profiler_range: bool,
     params: usize,
     x: &Tensor<B, 3>,
     g: &Tensor<B, 3>,
@@ -228,6 +236,9 @@ fn measure<B: AutodiffBackend>(
     };
     let forward_ms = median_ms::<B>(device, reps, &run_forward)?;
     let forward_backward_ms = median_ms::<B>(device, reps, &run_both)?;
+    if profiler_range {
+        crate::backend::profiler_range::<B>(device, &run_both)?;
+    }
     Ok(Measured {
         forward_ms,
         forward_backward_ms,
@@ -512,6 +523,7 @@ mod tests {
         let m = measure::<B>(
             &device,
             1,
+            false,
             block.num_params(),
             &x,
             &x,
