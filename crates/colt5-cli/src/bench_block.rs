@@ -107,8 +107,7 @@ impl Job for BlockJob<'_> {
                         let params = block.num_params();
                         let row = measure::<B>(
                             device,
-                            args.reps,
-                            args.profiler_range,
+                            (args.reps, args.profiler_range),
                             params,
                             &x,
                             &g,
@@ -139,8 +138,7 @@ impl Job for BlockJob<'_> {
                         let params = block.num_params();
                         measure::<B>(
                             device,
-                            args.reps,
-                            args.profiler_range,
+                            (args.reps, args.profiler_range),
                             params,
                             &x,
                             &g,
@@ -210,14 +208,13 @@ struct Measured {
     params: usize,
 }
 
-/// Times `forward` (on the inner backend, no autodiff) and, on autodiff,
+/// Times `forward` (`reps` runs each; on the inner backend, no autodiff) and, on autodiff,
 /// `forward_backward`'s forward and the backward of sum(out · g); also the device memory
 /// each takes beyond what was allocated before; with `profiler_range`, one more
 /// forward+backward inside [`crate::backend::profiler_range`].
 fn measure<B: AutodiffBackend>(
     device: &B::Device,
-    reps: usize,
-    profiler_range: bool,
+    (reps, profiler_range): (usize, bool),
     params: usize,
     x: &Tensor<B, 3>,
     g: &Tensor<B, 3>,
@@ -522,8 +519,7 @@ mod tests {
         let inference = block.valid();
         let m = measure::<B>(
             &device,
-            1,
-            false,
+            (1, false),
             block.num_params(),
             &x,
             &x,
