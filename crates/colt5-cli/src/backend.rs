@@ -39,10 +39,14 @@ fn cuda<J: Job>(job: J) -> Result<J::Output> {
     use burn::backend::{cuda::CudaDevice, Cuda};
     use burn::tensor::Tensor;
     let device = CudaDevice::default();
-    // burn panics when no GPU or driver is present: probe once and turn that into an error.
+    // burn panics when no GPU or driver is present: probe once, with the panic message
+    // silenced, and turn that into an error.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
     let probe = std::panic::catch_unwind(|| {
         Tensor::<Cuda, 1>::zeros([1], &device).into_scalar();
     });
+    std::panic::set_hook(hook);
     if probe.is_err() {
         anyhow::bail!("no usable CUDA GPU found (is the NVIDIA driver installed?)");
     }

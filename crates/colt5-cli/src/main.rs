@@ -5,13 +5,12 @@ mod bench;
 mod bench_attention;
 mod bench_block;
 mod bench_cd;
-mod checkpoint;
-mod data;
 mod demo;
 mod generate;
 mod model;
 mod parity;
 mod plot;
+mod signals;
 mod train;
 
 use std::process::ExitCode;
@@ -56,7 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Parity(args) => parity::run(&args),
-        Command::Train(args) => train::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(&args),
         Command::Generate(args) => generate::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
     };

@@ -2,60 +2,32 @@
 //! loss plot.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::{backend::AutodiffBackend, ElementConversion, Int, Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::backend::AutodiffBackend;
 use colt5::coor_descent::CoorDescentBackend;
-use colt5::lm::{
-    generate, next_token_loss, CdTransformerConfig, Colt5TransformerConfig, LanguageModel,
-    SamplerConfig,
-};
+use colt5::lm::{CdTransformerConfig, Colt5TransformerConfig};
+use colt5::train::corpus::{self, Corpus};
+use colt5::train::{checkpoint, Finish, Observer, StepReport, Trainer, TrainingConfig};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{run_on, BackendKind, Job};
-use crate::checkpoint::{self, State};
-use crate::data::{self, Corpus};
-use crate::model::{Lm, ModelConfig, ModelKind};
-use crate::plot;
+use crate::model::{ModelConfig, ModelKind};
+use crate::{plot, signals};
 
-/// Everything that defines a training run.
+/// Everything that defines a training run: what `config.json`-style files hold (the model
+/// table and the `[training]` table) and what each checkpoint's `state.json` records.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// The model and its architecture.
     pub model: ModelConfig,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
-    /// Adam learning rate.
-    pub lr: f64,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Clip the global gradient norm to this (none if absent).
-    pub clip_norm: Option<f64>,
-    /// Validation loss every this many steps.
-    pub eval_every: usize,
-    /// Validation batches per evaluation.
-    pub eval_batches: usize,
-    /// Checkpoint every this many steps (and at the end).
-    pub checkpoint_every: usize,
-    /// Checkpoints kept.
-    pub keep_checkpoints: usize,
-    /// Seed of the initialisation and of the data order.
-    pub seed: u64,
-    /// Print a sample every this many steps (0: only at the end).
-    pub sample_every: usize,
-    /// Bytes per sample.
-    pub sample_len: usize,
+    /// Optimisation, evaluation, checkpoints and samples.
+    pub training: TrainingConfig,
 }
 
 /// Named starting points for the configuration.
@@ -93,18 +65,7 @@ impl Preset {
                             .with_num_heavy_ff_tokens(8),
                     ),
                 },
-                batch_size: 8,
-                grad_accum: 1,
-                lr: 2e-3,
-                steps: 300,
-                clip_norm: Some(0.5),
-                eval_every: 50,
-                eval_batches: 4,
-                checkpoint_every: 100,
-                keep_checkpoints: 3,
-                seed: 0,
-                sample_every: 0,
-                sample_len: 256,
+                training: TrainingConfig::default(),
             },
             Preset::Recipe => TrainConfig {
                 model: match kind {
@@ -127,18 +88,18 @@ impl Preset {
                             .with_num_heavy_ff_tokens(32),
                     ),
                 },
-                batch_size: 4,
-                grad_accum: 4,
-                lr: 1e-4,
-                steps: 100_000,
-                clip_norm: Some(0.5),
-                eval_every: 100,
-                eval_batches: 1,
-                checkpoint_every: 1000,
-                keep_checkpoints: 3,
-                seed: 0,
-                sample_every: 500,
-                sample_len: 512,
+                training: TrainingConfig {
+                    batch_size: 4,
+                    grad_accum: 4,
+                    lr: 1e-4,
+                    steps: 100_000,
+                    eval_every: 100,
+                    eval_batches: 1,
+                    checkpoint_every: 1000,
+                    sample_every: 500,
+                    sample_len: 512,
+                    ..TrainingConfig::default()
+                },
             },
         }
     }
@@ -199,6 +160,9 @@ pub struct TrainArgs {
     /// Seed of initialisation and data order.
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep training whatever the loss does (no stop on a non-finite or diverging loss).
+    #[arg(long)]
+    no_divergence_check: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
@@ -225,21 +189,22 @@ impl TrainArgs {
                 *target = v;
             }
         };
-        set(&mut config.steps, self.steps);
-        set(&mut config.batch_size, self.batch_size);
-        set(&mut config.grad_accum, self.grad_accum);
+        let training = &mut config.training;
+        set(&mut training.steps, self.steps);
+        set(&mut training.batch_size, self.batch_size);
+        set(&mut training.grad_accum, self.grad_accum);
+        set(&mut training.eval_every, self.eval_every);
+        set(&mut training.checkpoint_every, self.checkpoint_every);
+        if let Some(lr) = self.lr {
+            training.lr = lr;
+        }
+        if let Some(seed) = self.seed {
+            training.seed = seed;
+        }
         let sizes = config.model.sizes();
         set(sizes.seq_len, self.seq_len);
         set(sizes.dim, self.dim);
         set(sizes.depth, self.depth);
-        set(&mut config.eval_every, self.eval_every);
-        set(&mut config.checkpoint_every, self.checkpoint_every);
-        if let Some(lr) = self.lr {
-            config.lr = lr;
-        }
-        if let Some(seed) = self.seed {
-            config.seed = seed;
-        }
         Ok(config)
     }
 }
@@ -260,13 +225,6 @@ impl TrainConfig {
         let mut model = self.model.clone();
         let sizes = model.sizes();
         for (name, value) in [
-            ("steps", self.steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("eval_every", self.eval_every),
-            ("eval_batches", self.eval_batches),
-            ("checkpoint_every", self.checkpoint_every),
-            ("keep_checkpoints", self.keep_checkpoints),
             ("model.seq_len", *sizes.seq_len),
             ("model.dim", *sizes.dim),
             ("model.depth", *sizes.depth),
@@ -275,38 +233,31 @@ impl TrainConfig {
                 bail!("invalid config value: {name} = 0 (must be at least 1)");
             }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!(
-                "invalid config value: lr = {} (must be a finite number > 0)",
-                self.lr
-            );
-        }
-        if let Some(clip) = self.clip_norm {
-            if !(clip > 0.0 && clip.is_finite()) {
-                bail!("invalid config value: clip_norm = {clip} (must be > 0)");
-            }
-        }
         if *sizes.num_tokens != 256 {
             bail!(
                 "invalid config value: model.num_tokens = {} (byte-level models need 256)",
                 sizes.num_tokens
             );
         }
+        self.training
+            .check()
+            .context("invalid config value (training)")?;
         Ok(())
     }
 }
 
-/// Runs `colt5 train`.
-pub fn run(args: &TrainArgs) -> Result<()> {
+/// Runs `colt5 train`; the exit code is 128 + the signal's number when SIGINT or SIGTERM
+/// stopped it (after a checkpoint).
+pub fn run(args: &TrainArgs) -> Result<ExitCode> {
     run_on(args.backend, Training(args))
 }
 
 struct Training<'a>(&'a TrainArgs);
 
 impl Job for Training<'_> {
-    type Output = ();
+    type Output = ExitCode;
 
-    fn run<B>(self, device: &B::Device) -> Result<()>
+    fn run<B>(self, device: &B::Device) -> Result<ExitCode>
     where
         B: AutodiffBackend + CoorDescentBackend,
         B::InnerBackend: CoorDescentBackend,
@@ -315,20 +266,24 @@ impl Job for Training<'_> {
     }
 }
 
-fn train<B>(args: &TrainArgs, device: &B::Device) -> Result<()>
+fn train<B>(args: &TrainArgs, device: &B::Device) -> Result<ExitCode>
 where
     B: AutodiffBackend + CoorDescentBackend,
     B::InnerBackend: CoorDescentBackend,
 {
-    fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create the output directory {}", args.out.display()))?;
-    let (config, resume_from) = if args.resume {
-        let checkpoint = checkpoint::resolve(&args.out)?;
-        let mut state = checkpoint::read_state(&checkpoint)?;
-        if let Some(steps) = args.steps {
-            state.config.steps = steps;
+    let resumed = if args.resume {
+        let (found, skipped) = checkpoint::newest_good::<TrainConfig>(&args.out)?;
+        for (path, error) in &skipped {
+            tracing::warn!("skipping {}: {error}", path.display());
         }
-        (state.config, Some((state.step, checkpoint)))
+        if let Some(newest) = skipped.first().and_then(|(p, _)| step_of(p)) {
+            tracing::warn!(
+                "resuming from step {} instead of {newest}: {} steps are lost",
+                found.state.step,
+                newest.saturating_sub(found.state.step)
+            );
+        }
+        Some(found)
     } else {
         if !checkpoint::list(&args.out)?.is_empty() {
             bail!(
@@ -336,260 +291,141 @@ where
                 args.out.display()
             );
         }
-        (args.config()?, None)
+        None
     };
+    let mut config = match &resumed {
+        Some(found) => found.state.config.clone(),
+        None => args.config()?,
+    };
+    if let (Some(steps), Some(_)) = (args.steps, &resumed) {
+        config.training.steps = steps;
+    }
+    if args.no_divergence_check {
+        config.training.divergence_ratio = None;
+    }
     config.check()?;
-    let corpus = Corpus::load(args.data.as_deref())?;
+    let corpus = match &args.data {
+        Some(path) => Corpus::load(path)?,
+        None => Corpus::from_gzip("bundled Shakespeare", BUNDLED_CORPUS)?,
+    };
     corpus.check(config.model.seq_len() + 1)?;
 
-    B::seed(device, config.seed);
-    let mut model = config
+    B::seed(device, config.training.seed);
+    let model = config
         .model
         .init::<B>(device)
         .context("invalid model configuration")?;
-    let mut optimizer = AdamConfig::new().init::<B, Lm<B>>();
-    let mut start = 0;
-    if let Some((step, checkpoint)) = &resume_from {
-        model = checkpoint::load_model(checkpoint, model, device)?;
-        optimizer = checkpoint::load_optimizer(checkpoint, optimizer, device)?;
-        start = *step;
-        tracing::info!("resuming from {} (step {step})", checkpoint.display());
-    }
-    let metrics_path = args.out.join("metrics.csv");
-    let mut metrics = Metrics::open(&metrics_path, start)?;
+    let mut trainer = match &resumed {
+        Some(found) => {
+            tracing::info!(
+                "resuming from {} (step {})",
+                found.path.display(),
+                found.state.step
+            );
+            Trainer::resume(
+                model,
+                &found.path,
+                found.state.step,
+                config.training.clone(),
+                &args.out,
+                device,
+            )
+            .with_context(|| format!("cannot resume from {}", found.path.display()))?
+        }
+        None => Trainer::new(model, config.training.clone(), &args.out, device)?,
+    };
     tracing::info!(
         "training on {} ({} training bytes, unigram entropy {:.3} nats/byte), {} parameters",
         corpus.name,
         corpus.train.len(),
-        data::unigram_entropy(&corpus.train),
-        model.num_params()
+        corpus::unigram_entropy(&corpus.train),
+        trainer.model().num_params()
     );
 
-    let tokens_per_step = config.batch_size * config.grad_accum * config.model.seq_len();
-    let progress = ProgressBar::new(config.steps as u64).with_position(start as u64);
+    let progress = ProgressBar::new(config.training.steps as u64)
+        .with_position(trainer.step() as u64);
     progress.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
         )
         .expect("a valid template"),
     );
-    let started = Instant::now();
-    for step in start + 1..=config.steps {
-        let step_started = Instant::now();
-        // The batches of a step depend only on the seed and the step, so a resumed run sees
-        // the same data as an uninterrupted one.
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        rng.set_stream(step as u64);
-        let mut accumulator = GradientsAccumulator::new();
-        let mut train_loss = 0.0;
-        for _ in 0..config.grad_accum {
-            let tokens = batch::<B>(&corpus.train, &config, &mut rng, device);
-            let loss = next_token_loss(&model, tokens)?.div_scalar(config.grad_accum as f64);
-            train_loss += loss.clone().into_scalar().elem::<f64>();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
-        }
-        let mut grads = accumulator.grads();
-        if let Some(max_norm) = config.clip_norm {
-            clip_global_norm(&model, &mut grads, max_norm);
-        }
-        model = optimizer.step(config.lr, model, grads);
-        let tokens_per_second = tokens_per_step as f64 / step_started.elapsed().as_secs_f64();
-        let elapsed = started.elapsed().as_secs_f64();
-        metrics.write(step, "train", train_loss, tokens_per_second, elapsed)?;
-        progress.set_message(format!(
-            "loss {train_loss:.3}  {tokens_per_second:.0} tok/s"
-        ));
-        progress.inc(1);
-
-        if step % config.eval_every == 0 || step == config.steps {
-            let valid = validation_loss(&model.valid(), &corpus.valid, &config, device)?;
-            metrics.write(step, "valid", valid, tokens_per_second, elapsed)?;
-            progress.suspend(|| {
-                tracing::info!(
-                    "step {step}: train loss {train_loss:.4}, validation loss {valid:.4} \
-                     nats/byte ({:.3} bits/byte), {tokens_per_second:.0} tokens/s",
-                    valid / std::f64::consts::LN_2
-                )
-            });
-            plot::loss_curves(&metrics_path, &args.out.join("loss.png"))?;
-        }
-        if step % config.checkpoint_every == 0 || step == config.steps {
-            let state = State {
-                step,
-                config: config.clone(),
-            };
-            checkpoint::save(
-                &args.out,
-                &state,
-                &model,
-                &optimizer,
-                config.keep_checkpoints,
-            )?;
-        }
-        if config.sample_every > 0 && step % config.sample_every == 0 {
-            let text = sample_text(&model.valid(), &corpus.valid, &config)?;
-            progress.suspend(|| tracing::info!("sample at step {step}:\n{text}"));
-        }
-    }
+    let stop = signals::StopRequest::install();
+    let mut observer = Progress {
+        bar: &progress,
+        out: &args.out,
+        stop: &stop,
+    };
+    let finish = trainer.run(&corpus, &config, &mut observer)?;
     progress.finish_and_clear();
-    let test = validation_loss(&model.valid(), &corpus.test, &config, device)?;
+    if let Finish::Stopped { step } = finish {
+        let signal = stop.signal().unwrap_or(libc::SIGINT);
+        tracing::info!(
+            "stopped by signal {signal} after step {step}; its checkpoint is written: \
+             continue with --resume"
+        );
+        return Ok(ExitCode::from(128 + signal as u8));
+    }
+    let test = trainer.evaluate(&corpus.test)?;
     tracing::info!(
         "test loss {test:.4} nats/byte ({:.3} bits/byte)",
         test / std::f64::consts::LN_2
     );
-    println!("{}", sample_text(&model.valid(), &corpus.valid, &config)?);
-    Ok(())
+    println!("{}", trainer.sample(&corpus.valid[..corpus.valid.len().min(64)])?);
+    Ok(ExitCode::SUCCESS)
 }
 
-/// A micro-batch of `seq_len + 1` byte windows.
-fn batch<B: burn::tensor::backend::Backend>(
-    bytes: &[u8],
-    config: &TrainConfig,
-    rng: &mut ChaCha8Rng,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let len = config.model.seq_len() + 1;
-    let ids = data::sample(bytes, config.batch_size, len, rng);
-    Tensor::from_data(TensorData::new(ids, [config.batch_size, len]), device)
+/// The step in a checkpoint directory's name.
+fn step_of(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(checkpoint::PREFIX)?
+        .parse()
+        .ok()
 }
 
-/// The mean loss over the same `eval_batches` validation batches at every evaluation.
-fn validation_loss<B: CoorDescentBackend>(
-    model: &Lm<B>,
-    bytes: &[u8],
-    config: &TrainConfig,
-    device: &B::Device,
-) -> Result<f64> {
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    rng.set_stream(u64::MAX);
-    let mut total = 0.0;
-    for _ in 0..config.eval_batches {
-        let tokens = batch::<B>(bytes, config, &mut rng, device);
-        total += next_token_loss(model, tokens)?.into_scalar().elem::<f64>();
-    }
-    Ok(total / config.eval_batches as f64)
+/// The corpus that ships with colt5 (see `data/README.md`).
+const BUNDLED_CORPUS: &[u8] = include_bytes!("../../../data/shakespeare.txt.gz");
+
+/// Draws the progress bar, logs validations and samples, redraws the loss plot and passes
+/// on stop requests from signals.
+struct Progress<'a> {
+    bar: &'a ProgressBar,
+    out: &'a Path,
+    stop: &'a signals::StopRequest,
 }
 
-/// `sample_len` bytes generated after a prompt from the start of the validation text.
-fn sample_text<B: CoorDescentBackend>(
-    model: &Lm<B>,
-    bytes: &[u8],
-    config: &TrainConfig,
-) -> Result<String> {
-    let prompt: Vec<i64> = bytes[..bytes.len().min(64)]
-        .iter()
-        .map(|&b| i64::from(b))
-        .collect();
-    let mut sampler = SamplerConfig::new().with_seed(config.seed).init()?;
-    let mut decoder = model.decoder();
-    let new = generate(
-        decoder.as_mut(),
-        &prompt,
-        config.sample_len,
-        &mut sampler,
-        |_| {},
-    )?;
-    let mut text: Vec<u8> = prompt.iter().map(|&t| t as u8).collect();
-    text.extend(new.iter().map(|&t| t as u8));
-    Ok(String::from_utf8_lossy(&text).into_owned())
-}
+impl Observer for Progress<'_> {
+    fn on_step(&mut self, report: &StepReport) {
+        self.bar.set_message(format!(
+            "loss {:.3}  {:.0} tok/s",
+            report.train_loss, report.tokens_per_second
+        ));
+        self.bar.set_position(report.step as u64);
+    }
 
-/// Scales every gradient by `min(1, max_norm / ‖g‖)`, ‖g‖ the norm of all of them together
-/// (PyTorch's `clip_grad_norm_`; burn's clipping is per tensor).
-fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    max_norm: f64,
-) -> f64 {
-    // Summed on the device, read back once.
-    struct SquaredNorm<'a, B: AutodiffBackend> {
-        grads: &'a GradientsParams,
-        total: Option<Tensor<B::InnerBackend, 1>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                let squares = g.square().sum();
-                self.total = Some(match self.total.take() {
-                    Some(total) => total + squares,
-                    None => squares,
-                });
-            }
-        }
-    }
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let id: ParamId = param.id;
-            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) {
-                self.grads.register(id, g.mul_scalar(self.factor));
-            }
-        }
-    }
-    let mut norm = SquaredNorm::<B> { grads, total: None };
-    model.visit(&mut norm);
-    let total = norm
-        .total
-        .map_or(0.0, |t| t.into_scalar().elem::<f64>())
-        .sqrt();
-    if total > max_norm {
-        model.visit(&mut Scale {
-            grads,
-            factor: max_norm / (total + 1e-6),
+    fn on_validation(&mut self, report: &StepReport, loss: f64) {
+        self.bar.suspend(|| {
+            tracing::info!(
+                "step {}: train loss {:.4}, validation loss {loss:.4} nats/byte ({:.3} \
+                 bits/byte), {:.0} tokens/s",
+                report.step,
+                report.train_loss,
+                loss / std::f64::consts::LN_2,
+                report.tokens_per_second
+            )
         });
-    }
-    total
-}
-
-/// `metrics.csv`: one row per training step and per validation.
-struct Metrics {
-    file: fs::File,
-}
-
-impl Metrics {
-    /// Opens the file for appending, first dropping rows after `step` (written after the
-    /// checkpoint a resumed run starts from).
-    fn open(path: &Path, step: usize) -> Result<Metrics> {
-        let header = "step,split,loss,tokens_per_second,elapsed_seconds";
-        let kept: Vec<String> = match fs::read_to_string(path) {
-            Ok(text) if step > 0 => text
-                .lines()
-                .skip(1)
-                .filter(|line| {
-                    line.split(',')
-                        .next()
-                        .and_then(|s| s.parse::<usize>().ok())
-                        .is_some_and(|s| s <= step)
-                })
-                .map(str::to_string)
-                .collect(),
-            _ => Vec::new(),
-        };
-        let mut file =
-            fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-        writeln!(file, "{header}")?;
-        for line in kept {
-            writeln!(file, "{line}")?;
+        if let Err(error) = plot::loss_curves(&self.out.join("metrics.csv"), &self.out.join("loss.png")) {
+            self.bar.suspend(|| tracing::warn!("cannot draw loss.png: {error:#}"));
         }
-        Ok(Metrics { file })
     }
 
-    fn write(
-        &mut self,
-        step: usize,
-        split: &str,
-        loss: f64,
-        tokens_per_second: f64,
-        elapsed: f64,
-    ) -> Result<()> {
-        writeln!(
-            self.file,
-            "{step},{split},{loss:.6},{tokens_per_second:.1},{elapsed:.2}"
-        )?;
-        Ok(())
+    fn on_sample(&mut self, step: usize, text: &str) {
+        self.bar
+            .suspend(|| tracing::info!("sample at step {step}:\n{text}"));
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.stop.signal().is_some()
     }
 }

@@ -68,6 +68,20 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// Training diverged: a loss that is not finite, or far above the best seen so far.
+    #[error(
+        "training diverged at step {step}: loss {loss}{}; the newest checkpoint holds the \
+         last weights whose loss was sane",
+        limit.map_or_else(String::new, |l| format!(" (limit {l:.4})"))
+    )]
+    Diverged {
+        /// The optimizer step whose loss was rejected.
+        step: usize,
+        /// The rejected loss.
+        loss: f64,
+        /// The limit it exceeded, if it was finite.
+        limit: Option<f64>,
+    },
 }
 
 /// The result type of the crate.

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use std::io::Write;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::error::Error;
@@ -207,9 +207,13 @@ pub fn torch_field<'a>(container: &str, field: &'a str) -> &'a str {
 
 /// The PyTorch name of the parameter at `path` (field name, container type of each level),
 /// and whether its layout is transposed relative to ours (linear weights).
+///
+/// Levels inside an enum module (`Enum:…`, a choice among architectures) name the variant,
+/// which PyTorch's modules do not have: they are left out.
 pub fn torch_name(path: &[(String, String)]) -> (String, bool) {
     let name = path
         .iter()
+        .filter(|(_, container)| !container.starts_with("Enum:"))
         .map(|(field, container)| torch_field(container, field))
         .collect::<Vec<_>>()
         .join(".");
@@ -263,6 +267,86 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             value = value.transpose();
         }
         Param::initialized(id, value.require_grad())
+    }
+}
+
+/// The [`ParamId`] of every parameter of `module`, by PyTorch name. Optimizer state is keyed
+/// by these ids, so a checkpoint stores them beside the weights.
+pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, u64> {
+    struct Ids {
+        path: Vec<(String, String)>,
+        found: BTreeMap<String, u64>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path
+                .push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.found.insert(torch_name(&self.path).0, param.id.val());
+        }
+    }
+    let mut ids = Ids {
+        path: Vec::new(),
+        found: BTreeMap::new(),
+    };
+    module.visit(&mut ids);
+    ids.found
+}
+
+/// `module` with the parameter ids of `ids` (from [`param_ids`]); every parameter must have
+/// one, else the error names those without.
+pub fn with_param_ids<B: Backend, M: Module<B>>(
+    module: M,
+    ids: &BTreeMap<String, u64>,
+    source: &str,
+) -> crate::Result<M> {
+    struct Assign<'a> {
+        ids: &'a BTreeMap<String, u64>,
+        path: Vec<(String, String)>,
+        missing: Vec<String>,
+    }
+    impl<B: Backend> ModuleMapper<B> for Assign<'_> {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path
+                .push((name.to_string(), container_type.to_string()));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(
+            &mut self,
+            param: Param<Tensor<B, D>>,
+        ) -> Param<Tensor<B, D>> {
+            let name = torch_name(&self.path).0;
+            match self.ids.get(&name) {
+                Some(&id) => {
+                    let (_, tensor, _) = param.consume();
+                    Param::initialized(ParamId::from(id), tensor)
+                }
+                None => {
+                    self.missing.push(name);
+                    param
+                }
+            }
+        }
+    }
+    let mut assign = Assign {
+        ids,
+        path: Vec::new(),
+        missing: Vec::new(),
+    };
+    let module = module.map(&mut assign);
+    if assign.missing.is_empty() {
+        Ok(module)
+    } else {
+        Err(Error::Format {
+            path: source.to_string(),
+            message: format!("no parameter id for {}", assign.missing.join(", ")),
+        })
     }
 }
 

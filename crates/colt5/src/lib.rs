@@ -27,6 +27,7 @@ pub mod rotary;
 pub mod routed;
 pub mod router;
 pub mod topk;
+pub mod train;
 pub mod vit;
 
 pub use error::{Error, Result};
