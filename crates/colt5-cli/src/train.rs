@@ -126,8 +126,8 @@ pub struct TrainArgs {
     /// replacing the preset.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue from the newest checkpoint in `--out` (its configuration is used; `--steps`
-    /// may extend it).
+    /// Continue from the newest checkpoint in `--out` that passes verification (its
+    /// configuration is used; `--steps` may extend it and `--lr` replace its rate).
     #[arg(long)]
     resume: bool,
     /// Optimizer steps.
@@ -139,7 +139,8 @@ pub struct TrainArgs {
     /// Micro-batches accumulated per step.
     #[arg(long)]
     grad_accum: Option<usize>,
-    /// Adam learning rate.
+    /// Adam learning rate (with `--resume`, replaces the checkpoint's: e.g. lower after a
+    /// divergence).
     #[arg(long)]
     lr: Option<f64>,
     /// Training sequence length (and the model's longest sequence).
@@ -297,8 +298,13 @@ where
         Some(found) => found.state.config.clone(),
         None => args.config()?,
     };
-    if let (Some(steps), Some(_)) = (args.steps, &resumed) {
-        config.training.steps = steps;
+    if resumed.is_some() {
+        if let Some(steps) = args.steps {
+            config.training.steps = steps;
+        }
+        if let Some(lr) = args.lr {
+            config.training.lr = lr;
+        }
     }
     if args.no_divergence_check {
         config.training.divergence_ratio = None;
