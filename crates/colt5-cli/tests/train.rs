@@ -61,6 +61,18 @@ fn losses(out: &Path, split: &str) -> Vec<(usize, String)> {
         .collect()
 }
 
+/// `TINY` with the flags of `extra` (flag-value pairs, or lone switches) replacing its own.
+fn tiny_with(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    for pair in TINY.chunks(2) {
+        if !extra.contains(&pair[0]) {
+            args.extend(pair.iter().map(|s| s.to_string()));
+        }
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 fn train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
     colt5()
         .arg("train")
@@ -68,8 +80,7 @@ fn train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
         .arg(out)
         .arg("--data")
         .arg(data)
-        .args(TINY)
-        .args(extra)
+        .args(tiny_with(extra))
         .output()
         .unwrap()
 }
@@ -235,4 +246,192 @@ fn bad_input_gives_one_line_errors() {
         .unwrap();
     assert!(one_line_error(&missing).contains("nowhere"));
     no_temporary_checkpoints(&out);
+}
+
+/// The checkpoint steps under `out`.
+fn checkpoint_steps(out: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(out)
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("checkpoint-")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let out = dir.path().join("run");
+
+    let wild = train(&out, &data, &["--steps", "20", "--lr", "1e6"]);
+    let line = one_line_error(&wild);
+    assert!(line.contains("diverged at step 2"), "{line}");
+    assert!(checkpoint_steps(&out).is_empty());
+
+    let good = dir.path().join("good");
+    let ten = train(&good, &data, &["--steps", "10", "--checkpoint-every", "5"]);
+    assert!(ten.status.success());
+    let resumed = colt5()
+        .args(["train", "--resume", "--steps", "20", "--lr", "1e6", "--out"])
+        .arg(&good)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let line = one_line_error(&resumed);
+    assert!(line.contains("diverged at step 12"), "{line}");
+    // Step 11's update ruined the weights that the step-15 checkpoint would have held.
+    assert_eq!(checkpoint_steps(&good), vec![5, 10]);
+
+    let unchecked = colt5()
+        .args(["train", "--resume", "--steps", "13", "--lr", "1e6"])
+        .arg("--no-divergence-check")
+        .arg("--out")
+        .arg(&good)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(unchecked.status.success());
+}
+
+/// Starts `colt5 train` in the background.
+fn spawn_train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"))
+        .arg("train")
+        .arg("--out")
+        .arg(out)
+        .arg("--data")
+        .arg(data)
+        .args(tiny_with(extra))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `metrics.csv` under `out` records at least `rows` training steps.
+fn wait_for_steps(out: &Path, rows: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(out.join("metrics.csv"))
+        .map_or(0, |t| t.lines().filter(|l| l.contains(",train,")).count())
+        < rows
+    {
+        assert!(std::time::Instant::now() < deadline, "training made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn resume(out: &Path, data: &Path, steps: &str) -> std::process::Output {
+    colt5()
+        .args(["train", "--resume", "--steps", steps, "--out"])
+        .arg(out)
+        .arg("--data")
+        .arg(data)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ctrl_c_and_sigterm_checkpoint_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let straight = dir.path().join("straight");
+    assert!(train(&straight, &data, &["--steps", "40"]).status.success());
+    for (name, code) in [("INT", 130), ("TERM", 143)] {
+        let out = dir.path().join(name);
+        let child = spawn_train(&out, &data, &["--steps", "40"]);
+        wait_for_steps(&out, 3);
+        signal(&child, name);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(code), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let stopped_at = losses(&out, "train").len();
+        assert!(stopped_at < 40, "SIG{name} did not stop the run");
+        assert_eq!(checkpoint_steps(&out).last(), Some(&stopped_at));
+        no_temporary_checkpoints(&out);
+        let resumed = resume(&out, &data, "40");
+        assert!(resumed.status.success());
+        for kind in ["train", "valid"] {
+            assert_eq!(losses(&straight, kind), losses(&out, kind), "{kind} after SIG{name}");
+        }
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let straight = dir.path().join("straight");
+    let schedule = ["--steps", "60", "--checkpoint-every", "2"];
+    assert!(train(&straight, &data, &schedule).status.success());
+    let out = dir.path().join("killed");
+    // A fixed pseudo-random sequence of delays (xorshift), so that failures reproduce.
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut kills = 0;
+    while kills < 20 {
+        let fresh = checkpoint_steps(&out).is_empty();
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"));
+        command.arg("train").arg("--out").arg(&out).arg("--data").arg(&data);
+        match fresh {
+            true => command.args(tiny_with(&schedule)),
+            false => command.args(["--resume", "--steps", "60"]),
+        };
+        let mut child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        std::thread::sleep(std::time::Duration::from_millis(100 + state % 500));
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before the kill
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let finished = match checkpoint_steps(&out).last() {
+        Some(&60) => true,
+        _ => resume(&out, &data, "60").status.success(),
+    };
+    assert!(finished);
+    eprintln!("survived {kills} SIGKILLs");
+    assert!(kills >= 20, "the run finished after {kills} kills: lengthen it");
+    for kind in ["train", "valid"] {
+        assert_eq!(losses(&straight, kind), losses(&out, kind), "{kind} after {kills} kills");
+    }
+    let weights = |run: &Path| std::fs::read(run.join("checkpoint-00000060/model.safetensors"));
+    assert_eq!(weights(&straight).unwrap(), weights(&out).unwrap());
+    no_temporary_checkpoints(&out);
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let output = train(&dir.path().join("run"), &data, &["--backend", "cuda"]);
+    if output.status.success() {
+        return; // a machine with a GPU and a CUDA build
+    }
+    let line = one_line_error(&output);
+    assert!(line.contains("CUDA"), "{line}");
 }
