@@ -72,10 +72,12 @@ impl Job for Generation<'_> {
             tracing::warn!("skipping {}: {error}", path.display());
         }
         let path = found.path;
-        let model =
-            found.state.config.model.init::<B>(device).with_context(|| {
-                format!("{} holds an invalid model configuration", path.display())
-            })?;
+        let model = found
+            .state
+            .config
+            .model
+            .init::<B>(device)
+            .with_context(|| format!("{} holds an invalid model configuration", path.display()))?;
         let model = checkpoint::load_model(&path, model)
             .with_context(|| format!("cannot load the weights of {}", path.display()))?
             .valid();
@@ -135,9 +137,15 @@ mod tests {
         pending.push(0xA9);
         assert_eq!(ready(&mut pending, false, false).unwrap(), "é".as_bytes());
         let mut pending = vec![b'a', 0xFF];
-        assert_eq!(ready(&mut pending, false, false).unwrap(), "a\u{FFFD}".as_bytes());
+        assert_eq!(
+            ready(&mut pending, false, false).unwrap(),
+            "a\u{FFFD}".as_bytes()
+        );
         let mut pending = vec![0xE2, 0x82];
-        assert_eq!(ready(&mut pending, false, true).unwrap(), "\u{FFFD}".as_bytes());
+        assert_eq!(
+            ready(&mut pending, false, true).unwrap(),
+            "\u{FFFD}".as_bytes()
+        );
         let mut pending = vec![0xFF];
         assert_eq!(ready(&mut pending, true, false).unwrap(), vec![0xFF]);
         assert!(pending.is_empty());

@@ -348,8 +348,8 @@ where
         trainer.model().num_params()
     );
 
-    let progress = ProgressBar::new(config.training.steps as u64)
-        .with_position(trainer.step() as u64);
+    let progress =
+        ProgressBar::new(config.training.steps as u64).with_position(trainer.step() as u64);
     progress.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
@@ -377,7 +377,10 @@ where
         "test loss {test:.4} nats/byte ({:.3} bits/byte)",
         test / std::f64::consts::LN_2
     );
-    println!("{}", trainer.sample(&corpus.valid[..corpus.valid.len().min(64)])?);
+    println!(
+        "{}",
+        trainer.sample(&corpus.valid[..corpus.valid.len().min(64)])?
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -421,8 +424,11 @@ impl Observer for Progress<'_> {
                 report.tokens_per_second
             )
         });
-        if let Err(error) = plot::loss_curves(&self.out.join("metrics.csv"), &self.out.join("loss.png")) {
-            self.bar.suspend(|| tracing::warn!("cannot draw loss.png: {error:#}"));
+        if let Err(error) =
+            plot::loss_curves(&self.out.join("metrics.csv"), &self.out.join("loss.png"))
+        {
+            self.bar
+                .suspend(|| tracing::warn!("cannot draw loss.png: {error:#}"));
         }
     }
 

@@ -324,7 +324,10 @@ fn wait_for_steps(out: &Path, rows: usize) {
         .map_or(0, |t| t.lines().filter(|l| l.contains(",train,")).count())
         < rows
     {
-        assert!(std::time::Instant::now() < deadline, "training made no progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training made no progress"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -369,7 +372,11 @@ fn ctrl_c_and_sigterm_checkpoint_and_resume_exactly() {
         let resumed = resume(&out, &data, "40");
         assert!(resumed.status.success());
         for kind in ["train", "valid"] {
-            assert_eq!(losses(&straight, kind), losses(&out, kind), "{kind} after SIG{name}");
+            assert_eq!(
+                losses(&straight, kind),
+                losses(&out, kind),
+                "{kind} after SIG{name}"
+            );
         }
     }
 }
@@ -388,7 +395,12 @@ fn sigkill_at_random_moments_loses_nothing() {
     while kills < 20 {
         let fresh = checkpoint_steps(&out).is_empty();
         let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"));
-        command.arg("train").arg("--out").arg(&out).arg("--data").arg(&data);
+        command
+            .arg("train")
+            .arg("--out")
+            .arg(&out)
+            .arg("--data")
+            .arg(&data);
         match fresh {
             true => command.args(tiny_with(&schedule)),
             false => command.args(["--resume", "--steps", "60"]),
@@ -415,9 +427,16 @@ fn sigkill_at_random_moments_loses_nothing() {
     };
     assert!(finished);
     eprintln!("survived {kills} SIGKILLs");
-    assert!(kills >= 20, "the run finished after {kills} kills: lengthen it");
+    assert!(
+        kills >= 20,
+        "the run finished after {kills} kills: lengthen it"
+    );
     for kind in ["train", "valid"] {
-        assert_eq!(losses(&straight, kind), losses(&out, kind), "{kind} after {kills} kills");
+        assert_eq!(
+            losses(&straight, kind),
+            losses(&out, kind),
+            "{kind} after {kills} kills"
+        );
     }
     let weights = |run: &Path| std::fs::read(run.join("checkpoint-00000060/model.safetensors"));
     assert_eq!(weights(&straight).unwrap(), weights(&out).unwrap());

@@ -317,10 +317,7 @@ pub fn with_param_ids<B: Backend, M: Module<B>>(
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
             self.path.pop();
         }
-        fn map_float<const D: usize>(
-            &mut self,
-            param: Param<Tensor<B, D>>,
-        ) -> Param<Tensor<B, D>> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let name = torch_name(&self.path).0;
             match self.ids.get(&name) {
                 Some(&id) => {

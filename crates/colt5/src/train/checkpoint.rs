@@ -180,7 +180,9 @@ pub fn verify(checkpoint: &Path) -> crate::Result<()> {
     let text = fs::read(&manifest_path).map_err(|e| {
         bad(
             &manifest_path,
-            format!("cannot read the checkpoint manifest ({e}): incomplete or not a colt5 checkpoint"),
+            format!(
+                "cannot read the checkpoint manifest ({e}): incomplete or not a colt5 checkpoint"
+            ),
         )
     })?;
     let manifest: Manifest = serde_json::from_slice(&text)
@@ -291,16 +293,22 @@ pub fn load_model<B: Backend, M: Module<B>>(checkpoint: &Path, model: M) -> crat
 }
 
 /// Loads the optimizer state of a checkpoint.
-pub fn load_optimizer<B, M, O>(checkpoint: &Path, optimizer: O, device: &B::Device) -> crate::Result<O>
+pub fn load_optimizer<B, M, O>(
+    checkpoint: &Path,
+    optimizer: O,
+    device: &B::Device,
+) -> crate::Result<O>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
 {
     let path = checkpoint.join(OPTIMIZER);
-    let record = recorder().load(path.clone(), device).map_err(|e| Error::Format {
-        path: format!("{}.mpk", path.display()),
-        message: format!("cannot load the optimizer state: {e}"),
-    })?;
+    let record = recorder()
+        .load(path.clone(), device)
+        .map_err(|e| Error::Format {
+            path: format!("{}.mpk", path.display()),
+            message: format!("cannot load the optimizer state: {e}"),
+        })?;
     Ok(optimizer.load_record(record))
 }

@@ -128,7 +128,11 @@ impl TrainingConfig {
         }
         if let Some(ratio) = self.divergence_ratio {
             if !(ratio > 1.0 && ratio.is_finite()) {
-                return Err(Error::config("divergence_ratio", ratio, "a finite number > 1"));
+                return Err(Error::config(
+                    "divergence_ratio",
+                    ratio,
+                    "a finite number > 1",
+                ));
             }
         }
         Ok(())
@@ -313,8 +317,8 @@ where
             let mut train_loss = 0.0;
             for _ in 0..config.grad_accum {
                 let tokens = batch::<B>(&corpus.train, &config, seq_len, &mut rng, &self.device);
-                let loss = next_token_loss(&self.model, tokens)?
-                    .div_scalar(config.grad_accum as f64);
+                let loss =
+                    next_token_loss(&self.model, tokens)?.div_scalar(config.grad_accum as f64);
                 train_loss += loss.clone().into_scalar().elem::<f64>();
                 let grads = GradientsParams::from_grads(loss.backward(), &self.model);
                 accumulator.accumulate(&self.model, grads);
@@ -417,7 +421,8 @@ where
         rng.set_stream(u64::MAX);
         let mut total = 0.0;
         for _ in 0..self.config.eval_batches {
-            let tokens = batch::<B::InnerBackend>(bytes, &self.config, seq_len, &mut rng, &self.device);
+            let tokens =
+                batch::<B::InnerBackend>(bytes, &self.config, seq_len, &mut rng, &self.device);
             total += next_token_loss(&model, tokens)?.into_scalar().elem::<f64>();
         }
         Ok(total / self.config.eval_batches as f64)
@@ -492,7 +497,10 @@ fn batch<B: burn::tensor::backend::Backend>(
     device: &B::Device,
 ) -> Tensor<B, 2, Int> {
     let ids = corpus::sample(bytes, config.batch_size, seq_len + 1, rng);
-    Tensor::from_data(TensorData::new(ids, [config.batch_size, seq_len + 1]), device)
+    Tensor::from_data(
+        TensorData::new(ids, [config.batch_size, seq_len + 1]),
+        device,
+    )
 }
 
 /// Scales every gradient by `min(1, max_norm / ‖g‖)`, ‖g‖ the norm of all of them together
