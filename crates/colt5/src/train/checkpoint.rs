@@ -227,6 +227,9 @@ pub fn read_state<C: DeserializeOwned>(checkpoint: &Path) -> crate::Result<State
     })
 }
 
+/// A checkpoint passed over because it failed verification, and why.
+pub type Skipped = (PathBuf, Error);
+
 /// A verified checkpoint and its state.
 #[derive(Debug)]
 pub struct Checkpoint<C> {
@@ -241,7 +244,7 @@ pub struct Checkpoint<C> {
 /// warns about them; a checkpoint named directly is never skipped).
 pub fn newest_good<C: DeserializeOwned>(
     path: &Path,
-) -> crate::Result<(Checkpoint<C>, Vec<(PathBuf, Error)>)> {
+) -> crate::Result<(Checkpoint<C>, Vec<Skipped>)> {
     let open = |path: &Path| -> crate::Result<Checkpoint<C>> {
         verify(path)?;
         Ok(Checkpoint {
