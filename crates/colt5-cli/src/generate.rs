@@ -68,8 +68,8 @@ impl Job for Generation<'_> {
             anyhow::bail!("the prompt is empty: give at least one byte of text");
         }
         let (found, skipped) = checkpoint::newest_good::<TrainConfig>(&args.checkpoint)?;
-        for (path, error) in &skipped {
-            tracing::warn!("skipping {}: {error}", path.display());
+        for damaged in &skipped {
+            tracing::warn!("skipping {}: {}", damaged.path.display(), damaged.error);
         }
         let path = found.path;
         let model = found

@@ -274,10 +274,10 @@ where
 {
     let resumed = if args.resume {
         let (found, skipped) = checkpoint::newest_good::<TrainConfig>(&args.out)?;
-        for (path, error) in &skipped {
-            tracing::warn!("skipping {}: {error}", path.display());
+        for damaged in &skipped {
+            tracing::warn!("skipping {}: {}", damaged.path.display(), damaged.error);
         }
-        if let Some(newest) = skipped.first().and_then(|(p, _)| step_of(p)) {
+        if let Some(newest) = skipped.first().map(|damaged| damaged.step) {
             tracing::warn!(
                 "resuming from step {} instead of {newest}: {} steps are lost",
                 found.state.step,
@@ -314,7 +314,6 @@ where
         Some(path) => Corpus::load(path)?,
         None => Corpus::from_gzip("bundled Shakespeare", BUNDLED_CORPUS)?,
     };
-    corpus.check(config.model.seq_len() + 1)?;
 
     B::seed(device, config.training.seed);
     let model = config
@@ -377,20 +376,8 @@ where
         "test loss {test:.4} nats/byte ({:.3} bits/byte)",
         test / std::f64::consts::LN_2
     );
-    println!(
-        "{}",
-        trainer.sample(&corpus.valid[..corpus.valid.len().min(64)])?
-    );
+    println!("{}", trainer.sample(corpus.prompt())?);
     Ok(ExitCode::SUCCESS)
-}
-
-/// The step in a checkpoint directory's name.
-fn step_of(path: &Path) -> Option<usize> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix(checkpoint::PREFIX)?
-        .parse()
-        .ok()
 }
 
 /// The corpus that ships with colt5 (see `data/README.md`).

@@ -73,14 +73,31 @@ fn tiny_with(extra: &[&str]) -> Vec<String> {
     args
 }
 
-fn train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
-    colt5()
+/// `colt5 train --out OUT --data DATA ARGS…`.
+fn train_command<S: AsRef<std::ffi::OsStr>>(
+    out: &Path,
+    data: &Path,
+    args: impl IntoIterator<Item = S>,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"));
+    command
         .arg("train")
         .arg("--out")
         .arg(out)
         .arg("--data")
         .arg(data)
-        .args(tiny_with(extra))
+        .args(args);
+    command
+}
+
+/// A tiny run from scratch, `extra` replacing `TINY`'s flags.
+fn train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
+    train_command(out, data, tiny_with(extra)).output().unwrap()
+}
+
+/// `--resume` of the run in `out`, with `extra` flags.
+fn resume(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
+    train_command(out, data, ["--resume"].iter().chain(extra))
         .output()
         .unwrap()
 }
@@ -157,13 +174,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     assert!(train(&straight, &data, &["--steps", "20"]).status.success());
     assert!(train(&split, &data, &["--steps", "10"]).status.success());
     // A run killed after step 10's checkpoint continues from it.
-    let resumed = colt5()
-        .args(["train", "--resume", "--steps", "20", "--out"])
-        .arg(&split)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let resumed = resume(&split, &data, &["--steps", "20"]);
     assert!(
         resumed.status.success(),
         "{}",
@@ -218,13 +229,7 @@ fn bad_input_gives_one_line_errors() {
         .unwrap();
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    let resumed = colt5()
-        .args(["train", "--resume", "--steps", "20", "--out"])
-        .arg(&out)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let resumed = resume(&out, &data, &["--steps", "20"]);
     assert!(one_line_error(&resumed).contains("checkpoint-00000010"));
     let generated = colt5()
         .args(["generate", "--checkpoint"])
@@ -278,39 +283,23 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     let good = dir.path().join("good");
     let ten = train(&good, &data, &["--steps", "10", "--checkpoint-every", "5"]);
     assert!(ten.status.success());
-    let resumed = colt5()
-        .args(["train", "--resume", "--steps", "20", "--lr", "1e6", "--out"])
-        .arg(&good)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let resumed = resume(&good, &data, &["--steps", "20", "--lr", "1e6"]);
     let line = one_line_error(&resumed);
     assert!(line.contains("diverged at step 12"), "{line}");
     // Step 11's update ruined the weights that the step-15 checkpoint would have held.
     assert_eq!(checkpoint_steps(&good), vec![5, 10]);
 
-    let unchecked = colt5()
-        .args(["train", "--resume", "--steps", "13", "--lr", "1e6"])
-        .arg("--no-divergence-check")
-        .arg("--out")
-        .arg(&good)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let unchecked = resume(
+        &good,
+        &data,
+        &["--steps", "13", "--lr", "1e6", "--no-divergence-check"],
+    );
     assert!(unchecked.status.success());
 }
 
 /// Starts `colt5 train` in the background.
 fn spawn_train(out: &Path, data: &Path, extra: &[&str]) -> std::process::Child {
-    std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"))
-        .arg("train")
-        .arg("--out")
-        .arg(out)
-        .arg("--data")
-        .arg(data)
-        .args(tiny_with(extra))
+    train_command(out, data, tiny_with(extra))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -340,16 +329,6 @@ fn signal(child: &std::process::Child, name: &str) {
     assert!(status.success());
 }
 
-fn resume(out: &Path, data: &Path, steps: &str) -> std::process::Output {
-    colt5()
-        .args(["train", "--resume", "--steps", steps, "--out"])
-        .arg(out)
-        .arg("--data")
-        .arg(data)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn ctrl_c_and_sigterm_checkpoint_and_resume_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -369,7 +348,7 @@ fn ctrl_c_and_sigterm_checkpoint_and_resume_exactly() {
         assert!(stopped_at < 40, "SIG{name} did not stop the run");
         assert_eq!(checkpoint_steps(&out).last(), Some(&stopped_at));
         no_temporary_checkpoints(&out);
-        let resumed = resume(&out, &data, "40");
+        let resumed = resume(&out, &data, &["--steps", "40"]);
         assert!(resumed.status.success());
         for kind in ["train", "valid"] {
             assert_eq!(
@@ -394,18 +373,11 @@ fn sigkill_at_random_moments_loses_nothing() {
     let mut kills = 0;
     while kills < 20 {
         let fresh = checkpoint_steps(&out).is_empty();
-        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("colt5"));
-        command
-            .arg("train")
-            .arg("--out")
-            .arg(&out)
-            .arg("--data")
-            .arg(&data);
-        match fresh {
-            true => command.args(tiny_with(&schedule)),
-            false => command.args(["--resume", "--steps", "60"]),
+        let args = match fresh {
+            true => tiny_with(&schedule),
+            false => vec!["--resume".into(), "--steps".into(), "60".into()],
         };
-        let mut child = command
+        let mut child = train_command(&out, &data, args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -423,7 +395,7 @@ fn sigkill_at_random_moments_loses_nothing() {
     }
     let finished = match checkpoint_steps(&out).last() {
         Some(&60) => true,
-        _ => resume(&out, &data, "60").status.success(),
+        _ => resume(&out, &data, &["--steps", "60"]).status.success(),
     };
     assert!(finished);
     eprintln!("survived {kills} SIGKILLs");

@@ -88,6 +88,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Rejects the first of `fields` (name, value) that is 0.
+    pub(crate) fn require_positive(fields: &[(&'static str, usize)]) -> Result<()> {
+        match fields.iter().find(|(_, value)| *value == 0) {
+            Some(&(name, value)) => Err(Error::config(name, value, "at least 1")),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn config(
         name: &'static str,
         value: impl ToString,

@@ -145,8 +145,27 @@ impl StateDict {
     ///
     /// The error lists every missing, unexpected and mis-shaped tensor at once.
     pub fn load_into<B: Backend, M: Module<B>>(&self, module: M) -> crate::Result<M> {
+        self.map_params(module, None)
+    }
+
+    /// [`load_into`](Self::load_into), also giving every parameter its id from `ids` (from
+    /// [`param_ids`]; optimizer state is keyed by them). A parameter without one is an error.
+    pub fn load_into_with_ids<B: Backend, M: Module<B>>(
+        &self,
+        module: M,
+        ids: &BTreeMap<String, u64>,
+    ) -> crate::Result<M> {
+        self.map_params(module, Some(ids))
+    }
+
+    fn map_params<B: Backend, M: Module<B>>(
+        &self,
+        module: M,
+        ids: Option<&BTreeMap<String, u64>>,
+    ) -> crate::Result<M> {
         let mut loader = Loader {
             state: self,
+            ids,
             path: Vec::new(),
             used: BTreeSet::new(),
             problems: Vec::new(),
@@ -225,6 +244,8 @@ pub fn torch_name(path: &[(String, String)]) -> (String, bool) {
 
 struct Loader<'a> {
     state: &'a StateDict,
+    /// Parameter ids to assign by name; `None` keeps the module's own.
+    ids: Option<&'a BTreeMap<String, u64>>,
     path: Vec<(String, String)>,
     used: BTreeSet<String>,
     problems: Vec<String>,
@@ -259,7 +280,13 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             ));
             return param;
         }
-        let (id, tensor, _) = param.consume();
+        let (mut id, tensor, _) = param.consume();
+        if let Some(ids) = self.ids {
+            match ids.get(&name) {
+                Some(&stored) => id = ParamId::from(stored),
+                None => self.problems.push(format!("no parameter id for `{name}`")),
+            }
+        }
         let data = TensorData::new(stored.values.clone(), stored.shape.clone())
             .convert::<burn::tensor::ops::FloatElem<B>>();
         let mut value = Tensor::<B, D>::from_data(data, &tensor.device());
@@ -295,56 +322,6 @@ pub fn param_ids<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, u64> 
     };
     module.visit(&mut ids);
     ids.found
-}
-
-/// `module` with the parameter ids of `ids` (from [`param_ids`]); every parameter must have
-/// one, else the error names those without.
-pub fn with_param_ids<B: Backend, M: Module<B>>(
-    module: M,
-    ids: &BTreeMap<String, u64>,
-    source: &str,
-) -> crate::Result<M> {
-    struct Assign<'a> {
-        ids: &'a BTreeMap<String, u64>,
-        path: Vec<(String, String)>,
-        missing: Vec<String>,
-    }
-    impl<B: Backend> ModuleMapper<B> for Assign<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path
-                .push((name.to_string(), container_type.to_string()));
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.path.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let name = torch_name(&self.path).0;
-            match self.ids.get(&name) {
-                Some(&id) => {
-                    let (_, tensor, _) = param.consume();
-                    Param::initialized(ParamId::from(id), tensor)
-                }
-                None => {
-                    self.missing.push(name);
-                    param
-                }
-            }
-        }
-    }
-    let mut assign = Assign {
-        ids,
-        path: Vec::new(),
-        missing: Vec::new(),
-    };
-    let module = module.map(&mut assign);
-    if assign.missing.is_empty() {
-        Ok(module)
-    } else {
-        Err(Error::Format {
-            path: source.to_string(),
-            message: format!("no parameter id for {}", assign.missing.join(", ")),
-        })
-    }
 }
 
 /// Reads one tensor per parameter for [`torch_params`]: its value, its gradient, ...

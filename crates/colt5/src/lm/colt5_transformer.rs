@@ -112,7 +112,7 @@ pub struct Colt5Transformer<B: Backend> {
 impl Colt5TransformerConfig {
     /// A model with PyTorch's default initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<Colt5Transformer<B>> {
-        for (name, value) in [
+        Error::require_positive(&[
             ("num_tokens", self.num_tokens),
             ("dim", self.dim),
             ("seq_len", self.seq_len),
@@ -121,11 +121,7 @@ impl Colt5TransformerConfig {
             ("dim_head", self.dim_head),
             ("num_heavy_tokens_kv", self.num_heavy_tokens_kv),
             ("num_heavy_ff_tokens", self.num_heavy_ff_tokens),
-        ] {
-            if value == 0 {
-                return Err(Error::config(name, value, "at least 1"));
-            }
-        }
+        ])?;
         let w = self.window_size;
         let heavy_q = self.num_heavy_tokens_q.unwrap_or(w);
         if heavy_q == 0 || heavy_q > w {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::Error;
-use crate::import::{param_ids, with_param_ids, StateDict};
+use crate::import::{param_ids, StateDict};
 
 /// The name of every checkpoint directory: this prefix and the step, eight digits.
 pub const PREFIX: &str = "checkpoint-";
@@ -228,7 +228,15 @@ pub fn read_state<C: DeserializeOwned>(checkpoint: &Path) -> crate::Result<State
 }
 
 /// A checkpoint passed over because it failed verification, and why.
-pub type Skipped = (PathBuf, Error);
+#[derive(Debug)]
+pub struct Skipped {
+    /// Its step.
+    pub step: usize,
+    /// Its directory.
+    pub path: PathBuf,
+    /// What failed.
+    pub error: Error,
+}
 
 /// A verified checkpoint and its state.
 #[derive(Debug)]
@@ -262,15 +270,19 @@ pub fn newest_good<C: DeserializeOwned>(
         });
     }
     let mut skipped = Vec::new();
-    for (_, candidate) in list(path)?.into_iter().rev() {
+    for (step, candidate) in list(path)?.into_iter().rev() {
         match open(&candidate) {
             Ok(found) => return Ok((found, skipped)),
-            Err(error) => skipped.push((candidate, error)),
+            Err(error) => skipped.push(Skipped {
+                step,
+                path: candidate,
+                error,
+            }),
         }
     }
     let message = match skipped.first() {
         None => format!("holds no checkpoint ({PREFIX}N directory)"),
-        Some((_, error)) => format!(
+        Some(Skipped { error, .. }) => format!(
             "holds no checkpoint that passes verification ({} damaged; the newest: {error})",
             skipped.len()
         ),
@@ -284,15 +296,13 @@ pub fn newest_good<C: DeserializeOwned>(
 /// Loads the weights and parameter ids of a checkpoint into `model` (built from the
 /// checkpoint's configuration).
 pub fn load_model<B: Backend, M: Module<B>>(checkpoint: &Path, model: M) -> crate::Result<M> {
-    let weights = StateDict::load(&checkpoint.join(MODEL))?;
-    let model = weights.load_into(model)?;
     let ids_path = checkpoint.join(PARAM_IDS);
     let bytes = fs::read(&ids_path).map_err(io(&ids_path))?;
     let ids: BTreeMap<String, u64> = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
         path: ids_path.display().to_string(),
         message: format!("corrupt parameter ids: {e}"),
     })?;
-    with_param_ids(model, &ids, &ids_path.display().to_string())
+    StateDict::load(&checkpoint.join(MODEL))?.load_into_with_ids(model, &ids)
 }
 
 /// Loads the optimizer state of a checkpoint.

@@ -78,6 +78,12 @@ impl Corpus {
         })
     }
 
+    /// The start of the validation text (64 bytes at most): the prompt of training-time
+    /// samples.
+    pub fn prompt(&self) -> &[u8] {
+        &self.valid[..self.valid.len().min(64)]
+    }
+
     /// Rejects a corpus whose training or validation split is shorter than one sample of
     /// `sample_len` bytes.
     pub fn check(&self, sample_len: usize) -> crate::Result<()> {

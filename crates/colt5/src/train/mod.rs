@@ -105,7 +105,7 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Rejects values no run can use, naming the field.
     pub fn check(&self) -> crate::Result<()> {
-        for (name, value) in [
+        Error::require_positive(&[
             ("steps", self.steps),
             ("batch_size", self.batch_size),
             ("grad_accum", self.grad_accum),
@@ -113,11 +113,7 @@ impl TrainingConfig {
             ("eval_batches", self.eval_batches),
             ("checkpoint_every", self.checkpoint_every),
             ("keep_checkpoints", self.keep_checkpoints),
-        ] {
-            if value == 0 {
-                return Err(Error::config(name, 0, "at least 1"));
-            }
-        }
+        ])?;
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::config("lr", self.lr, "a finite number > 0"));
         }
@@ -350,12 +346,11 @@ where
             )?;
             observer.on_step(&report);
             let last = step == config.steps;
-            let mut validated = false;
-            if step % config.eval_every == 0 || last {
+            let validated = step % config.eval_every == 0 || last;
+            if validated {
                 let valid = self.evaluate(&corpus.valid)?;
                 guard.check(step, valid)?;
                 guard.validated(valid);
-                validated = true;
                 metrics.write(
                     step,
                     "valid",
@@ -372,7 +367,7 @@ where
                 pending = Some((step, self.model.clone(), self.optimizer.clone()));
             }
             if config.sample_every > 0 && step % config.sample_every == 0 {
-                let text = self.sample(&corpus.valid[..corpus.valid.len().min(64)])?;
+                let text = self.sample(corpus.prompt())?;
                 observer.on_sample(step, &text);
             }
             if stop {
