@@ -5,10 +5,10 @@
 # under `.device/shared/`; with the GPU test binaries `.device/kernels`, `.device/gpu` and
 # `.device/fused_attention` (`cargo test --release -p colt5 --features cuda --test kernels
 # --test gpu --test fused_attention --no-run`) it runs the top-k kernel test, the models'
-# and the fused attention's GPU-vs-CPU tests first. Writes to $OUT (or
-# ./bench-out), for each binary,
-# `colt5 bench block --profile` and the CoLT5 LM's training steps at 4 096 to 65 536 tokens,
-# and once the reference's bench_block.py (between the two), all in this one call.
+# and the fused attention's GPU-vs-CPU tests first. Writes to $OUT (or ./bench-out), for
+# each binary, `colt5 bench block --profile` in each of $PRECISIONS (default f32 bf16) and
+# the CoLT5 LM's training steps at 4 096 to 65 536 tokens, and once the reference's
+# bench_block.py (fp32, bf16 autocast and bf16 weights; between the two), in one call.
 set -uo pipefail
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -20,10 +20,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader | t
 [ -x .device/gpu ] && timeout 120 .device/gpu --nocapture 2>&1 | tail -6 | tee "$out/gpu_tests.txt"
 [ -x .device/fused_attention ] && timeout 120 .device/fused_attention --nocapture 2>&1 | tail -50 | tee "$out/fused_attention_tests.txt"
 for bin in ${BINARIES:-colt5}; do
-    echo "## $bin"
-    timeout 300 ".device/$bin" bench block ${BLOCK_ARGS:---profile} 2>&1 | tee "$out/${bin}_block.md"
+    for precision in ${PRECISIONS:-f32 bf16}; do
+        echo "## $bin, $precision"
+        timeout 300 ".device/$bin" bench block --precision "$precision" ${BLOCK_ARGS:---profile} 2>&1 |
+            tee "$out/${bin}_block_$precision.md"
+    done
 done
-(cd .device/shared/bench && PYTHONUNBUFFERED=1 timeout 200 python3 bench_block.py --dtypes ${REFERENCE_DTYPES:-fp32 bf16} --models colt5_triton dense_sdpa) 2>&1 | tee "$out/reference_block.md"
+(cd .device/shared/bench && PYTHONUNBUFFERED=1 timeout 200 python3 bench_block.py --dtypes ${REFERENCE_DTYPES:-fp32 bf16 bf16w} --models colt5_triton dense_sdpa) 2>&1 | tee "$out/reference_block.md"
 for bin in ${BINARIES:-colt5}; do
     timeout 200 ".device/$bin" bench lm --backend cuda --configs colt5 --batch 1 --steps 3 \
         --seq-len ${LM_SEQS:-4096 16384 65536} 2>&1 | tee "$out/${bin}_lm.md"

@@ -14,6 +14,28 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// The element type of a run's weights, activations and matrix products.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Default)]
+pub enum Precision {
+    /// f32 everywhere (on CUDA, CubeCL's matrix products use TF32 tensor cores).
+    #[default]
+    F32,
+    /// bf16 weights, activations and matrix products (CUDA only); the soft top-k, the
+    /// attention kernels' softmax and every matrix product accumulate in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name of the run's dtype in bench_block.py's tables: its `fp32`, and `bf16w`
+    /// (weights and input cast to bf16, no autocast).
+    pub fn reference_name(self) -> &'static str {
+        match self {
+            Precision::F32 => "fp32",
+            Precision::Bf16 => "bf16w",
+        }
+    }
+}
+
 /// A command body, generic over the backend it runs on.
 pub trait Job {
     /// What it returns.
@@ -26,16 +48,26 @@ pub trait Job {
         B::InnerBackend: CoorDescentBackend;
 }
 
-/// Runs `job` on the chosen backend.
+/// Runs `job` on the chosen backend, in f32.
 pub fn run_on<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
-    match kind {
-        BackendKind::Cpu => job.run::<Autodiff<NdArray<f32>>>(&Default::default()),
-        BackendKind::Cuda => cuda(job),
+    run_in(kind, Precision::F32, job)
+}
+
+/// Runs `job` on the chosen backend in `precision`.
+pub fn run_in<J: Job>(kind: BackendKind, precision: Precision, job: J) -> Result<J::Output> {
+    match (kind, precision) {
+        (BackendKind::Cpu, Precision::F32) => {
+            job.run::<Autodiff<NdArray<f32>>>(&Default::default())
+        }
+        (BackendKind::Cpu, Precision::Bf16) => {
+            anyhow::bail!("--precision bf16 runs on CUDA only (use --backend cuda)")
+        }
+        (BackendKind::Cuda, precision) => cuda(precision, job),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda<J: Job>(job: J) -> Result<J::Output> {
+fn cuda<J: Job>(precision: Precision, job: J) -> Result<J::Output> {
     use burn::backend::{cuda::CudaDevice, Cuda};
     use burn::tensor::Tensor;
     let device = CudaDevice::default();
@@ -50,11 +82,14 @@ fn cuda<J: Job>(job: J) -> Result<J::Output> {
     if probe.is_err() {
         anyhow::bail!("no usable CUDA GPU found (is the NVIDIA driver installed?)");
     }
-    job.run::<Autodiff<Cuda>>(&device)
+    match precision {
+        Precision::F32 => job.run::<Autodiff<Cuda>>(&device),
+        Precision::Bf16 => job.run::<Autodiff<Cuda<burn::tensor::bf16>>>(&device),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda<J: Job>(_job: J) -> Result<J::Output> {
+fn cuda<J: Job>(_precision: Precision, _job: J) -> Result<J::Output> {
     anyhow::bail!("this colt5 was built without CUDA support: rebuild with `--features cuda`")
 }
 

@@ -35,6 +35,8 @@ enum BenchCommand {
     /// The fused attention kernels (whole attention and the CoLT5 block's local band,
     /// forward and backward) on the GPU, for several layouts of rows on units.
     Attention(crate::bench_attention::AttentionArgs),
+    /// The CoLT5 block's matrix products under each of CubeCL's matmul strategies (CUDA).
+    Matmul(crate::bench_matmul::MatmulArgs),
 }
 
 /// Language-model configurations of the benchmark.
@@ -120,6 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Cd(args) => crate::bench_cd::run(args),
         BenchCommand::Block(args) => crate::bench_block::run(args),
         BenchCommand::Attention(args) => crate::bench_attention::run(args),
+        BenchCommand::Matmul(args) => crate::bench_matmul::run(args),
     }
 }
 

@@ -19,7 +19,7 @@ use colt5::routed::{
 };
 use colt5::router::{CoordinateDescentRouterConfig, RouteOptions, RouterOutput};
 
-use crate::backend::{run_on, BackendKind, Job};
+use crate::backend::{run_in, BackendKind, Job, Precision};
 
 /// Width, heads and head width of both blocks (bench_block.py's).
 const DIM: usize = 512;
@@ -49,6 +49,9 @@ pub struct BlockArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     backend: BackendKind,
+    /// Element type of the blocks' weights, input and activations (bf16: CUDA only).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 /// The blocks of the benchmark.
@@ -71,7 +74,7 @@ pub fn run(args: &BlockArgs) -> Result<()> {
         args.seqs.iter().all(|&s| s >= 16),
         "--seqs must be at least 16 (a sixteenth of the tokens is routed)"
     );
-    run_on(args.backend, BlockJob(args))
+    run_in(args.backend, args.precision, BlockJob(args))
 }
 
 struct BlockJob<'a>(&'a BlockArgs);
@@ -85,7 +88,8 @@ impl Job for BlockJob<'_> {
         B::InnerBackend: CoorDescentBackend,
     {
         let args = self.0;
-        println!("device: {:?}, f32", args.backend);
+        let dtype = args.precision.reference_name();
+        println!("device: {:?}, {dtype}", args.backend);
         println!("| model | seq | dtype | fwd ms | f+b ms | fwd MiB | f+b MiB | params (M) |");
         println!("|---|---|---|---|---|---|---|---|");
         let mut profiles = Vec::new();
@@ -128,7 +132,7 @@ impl Job for BlockJob<'_> {
                         if !has_fused_attention::<B>(device) && logits > 32.0 * (1u64 << 30) as f64
                         {
                             println!(
-                                "| dense | {seq} | fp32 | – | – | – | – | – | skipped: {:.0} GiB of logits |",
+                                "| dense | {seq} | {dtype} | – | – | – | – | – | skipped: {:.0} GiB of logits |",
                                 logits / (1u64 << 30) as f64
                             );
                             continue;
@@ -149,7 +153,7 @@ impl Job for BlockJob<'_> {
                 };
                 match row {
                     Ok(m) => println!(
-                        "| {name} | {seq} | fp32 | {:.2} | {:.2} | {} | {} | {:.2} |",
+                        "| {name} | {seq} | {dtype} | {:.2} | {:.2} | {} | {} | {:.2} |",
                         m.forward_ms,
                         m.forward_backward_ms,
                         crate::backend::mib(m.forward_bytes),
@@ -157,7 +161,9 @@ impl Job for BlockJob<'_> {
                         m.params as f64 / 1e6
                     ),
                     Err(error) => {
-                        println!("| {name} | {seq} | fp32 | – | – | – | – | – | error: {error:#} |")
+                        println!(
+                            "| {name} | {seq} | {dtype} | – | – | – | – | – | error: {error:#} |"
+                        )
                     }
                 }
             }

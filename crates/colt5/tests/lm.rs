@@ -3,8 +3,8 @@
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use colt5::lm::{
-    generate, next_token_loss, CdTransformer, CdTransformerConfig, Colt5TransformerConfig,
-    LanguageModel, SamplerConfig,
+    check_token_ids, generate, next_token_loss, CdTransformer, CdTransformerConfig,
+    Colt5TransformerConfig, LanguageModel, SamplerConfig,
 };
 use colt5::Error;
 
@@ -116,8 +116,30 @@ fn bad_token_sequences_are_errors() {
         model.forward(tokens(&long)),
         Err(Error::Shape { name: "tokens", .. })
     ));
+    // Forwards check ids in debug builds only (the check reads them back from the device);
+    // the host check is what edges (prompts, corpora) run.
+    if cfg!(debug_assertions) {
+        assert!(matches!(
+            model.forward(tokens(&[1, 64])),
+            Err(Error::InvalidConfig {
+                name: "token id",
+                ..
+            })
+        ));
+    }
+    for bad in [[1, 64], [-1, 0]] {
+        assert!(matches!(
+            check_token_ids(&bad, 64),
+            Err(Error::InvalidConfig {
+                name: "token id",
+                ..
+            })
+        ));
+    }
+    assert!(check_token_ids(&[0, 63], 64).is_ok());
+    let mut sampler = SamplerConfig::new().init().unwrap();
     assert!(matches!(
-        model.forward(tokens(&[1, 64])),
+        generate(&mut *model.decoder(), &[3, 99], 2, &mut sampler, |_| {}),
         Err(Error::InvalidConfig {
             name: "token id",
             ..

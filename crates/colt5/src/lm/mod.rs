@@ -21,7 +21,8 @@ use crate::error::Error;
 /// A causal language model over a vocabulary of `num_tokens` ids.
 pub trait LanguageModel<B: Backend> {
     /// Logits `[batch, n, num_tokens]` of `tokens: [batch, n]` (1 ≤ n ≤ `seq_len`); the logits
-    /// at position t depend on tokens ≤ t only.
+    /// at position t depend on tokens ≤ t only. The ids must lie in `0..num_tokens`: debug
+    /// builds check them, release builds leave that to the caller ([`check_token_ids`]).
     fn forward(&self, tokens: Tensor<B, 2, Int>) -> crate::Result<Tensor<B, 3>>;
 
     /// The longest sequence the model takes.
@@ -59,6 +60,8 @@ pub fn next_token_loss<B: Backend, M: LanguageModel<B>>(
             expected: "[batch, n + 1] with n ≥ 1 (inputs and their next tokens)".into(),
         });
     }
+    // The targets too: the model checks only its inputs.
+    debug_check_tokens(&tokens, model.num_tokens())?;
     let inputs = tokens.clone().narrow(1, 0, len - 1);
     let targets = tokens.narrow(1, 1, len - 1).reshape([batch * (len - 1)]);
     let logits = model.forward(inputs)?;
@@ -69,17 +72,12 @@ pub fn next_token_loss<B: Backend, M: LanguageModel<B>>(
     Ok(loss)
 }
 
-/// Rejects token ids outside `0..num_tokens` (an embedding lookup would fail on them).
-pub(crate) fn check_tokens<B: Backend>(
-    tokens: &Tensor<B, 2, Int>,
-    num_tokens: usize,
-) -> crate::Result<()> {
-    let data = tokens.clone().into_data().convert::<i64>();
-    let values = data.as_slice::<i64>().map_err(|e| Error::Format {
-        path: "tokens".into(),
-        message: format!("{e:?}"),
-    })?;
-    match values.iter().find(|&&t| t < 0 || t >= num_tokens as i64) {
+/// Rejects token ids outside `0..num_tokens` (an embedding lookup would read past its
+/// table). Models do not check the ids they are given in release builds: on a GPU that
+/// would read every batch back to the host in every forward. Check them where they enter
+/// instead — the trainer checks its corpus once, generation its prompt.
+pub fn check_token_ids(ids: &[i64], num_tokens: usize) -> crate::Result<()> {
+    match ids.iter().find(|&&t| t < 0 || t >= num_tokens as i64) {
         Some(&bad) => Err(Error::config(
             "token id",
             bad,
@@ -87,4 +85,21 @@ pub(crate) fn check_tokens<B: Backend>(
         )),
         None => Ok(()),
     }
+}
+
+/// [`check_token_ids`] on a tensor of ids, in debug builds only (it synchronises with the
+/// device).
+pub(crate) fn debug_check_tokens<B: Backend>(
+    tokens: &Tensor<B, 2, Int>,
+    num_tokens: usize,
+) -> crate::Result<()> {
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
+    let data = tokens.clone().into_data().convert::<i64>();
+    let ids = data.as_slice::<i64>().map_err(|e| Error::Format {
+        path: "tokens".into(),
+        message: format!("{e:?}"),
+    })?;
+    check_token_ids(ids, num_tokens)
 }

@@ -27,16 +27,18 @@ pub(crate) struct Recompute<'a, B, M> {
 impl<B: Backend, M: LanguageModel<B>> Decoder for Recompute<'_, B, M> {
     fn next_logits(&mut self, tokens: &[i64]) -> crate::Result<Vec<f64>> {
         let window = &tokens[tokens.len().saturating_sub(self.model.seq_len())..];
-        last_logits(
-            self.model
-                .forward(token_tensor::<B>(window, &self.model.device())?)?,
-        )
+        last_logits(self.model.forward(token_tensor::<B>(
+            window,
+            self.model.num_tokens(),
+            &self.model.device(),
+        )?)?)
     }
 }
 
-/// `[1, n]` ids on `device`.
+/// `[1, n]` ids on `device`, each checked to lie in `0..num_tokens`.
 pub(crate) fn token_tensor<B: Backend>(
     tokens: &[i64],
+    num_tokens: usize,
     device: &B::Device,
 ) -> crate::Result<Tensor<B, 2, Int>> {
     if tokens.is_empty() {
@@ -46,6 +48,7 @@ pub(crate) fn token_tensor<B: Backend>(
             expected: "at least one token".into(),
         });
     }
+    super::check_token_ids(tokens, num_tokens)?;
     Ok(Tensor::from_data(
         TensorData::new(tokens.to_vec(), [1, tokens.len()]),
         device,
