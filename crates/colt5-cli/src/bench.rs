@@ -184,6 +184,7 @@ where
     B::InnerBackend: CoorDescentBackend,
 {
     let seq_len = config.seq_len();
+    config.ensure_trainable::<B>(args.batch, device)?;
     B::seed(device, 0);
     let model: Lm<B> = config.init(device).context("benchmark model")?;
     let mut optimizer = AdamConfig::new().init::<B, Lm<B>>();

@@ -21,6 +21,7 @@ pub struct MatmulArgs {
 
 /// One product `[batch, m, k] · [batch or 1, k, n]` of the block, with operands given
 /// transposed where the layer's backward takes them so.
+#[cfg(feature = "cuda")]
 #[derive(Clone, Copy, Debug)]
 struct Product {
     name: &'static str,
@@ -39,6 +40,7 @@ struct Product {
 /// The products of the light branches (every token) and of the heavy feed-forward (a
 /// sixteenth of them) at `tokens` tokens, as `crate::linear` feeds them to burn: tokens in
 /// chunks of 2 048.
+#[cfg(feature = "cuda")]
 fn products(tokens: usize) -> Vec<Product> {
     let chunk = 2048;
     let linear = |name, rows: usize, d_in, d_out| {

@@ -76,6 +76,24 @@ impl ModelConfig {
         }
     }
 
+    /// Refuses a training run of `batch` sequences that the device cannot hold (estimated
+    /// from the sizes, before anything is allocated).
+    pub fn ensure_trainable<B: CoorDescentBackend>(
+        &self,
+        batch: usize,
+        device: &B::Device,
+    ) -> colt5::Result<()> {
+        let estimate = match self {
+            ModelConfig::CdAttention(c) => c.memory_estimate(),
+            ModelConfig::Colt5(c) => c.memory_estimate(),
+        };
+        colt5::memory::ensure_fits::<B>(
+            "training",
+            estimate.training_bytes(batch, self.seq_len()),
+            device,
+        )
+    }
+
     /// A freshly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> colt5::Result<Lm<B>> {
         Ok(match self {

@@ -315,6 +315,9 @@ where
         None => Corpus::from_gzip("bundled Shakespeare", BUNDLED_CORPUS)?,
     };
 
+    config
+        .model
+        .ensure_trainable::<B>(config.training.batch_size, device)?;
     B::seed(device, config.training.seed);
     let model = config
         .model

@@ -426,3 +426,21 @@ fn cuda_without_a_gpu_is_a_one_line_error() {
     let line = one_line_error(&output);
     assert!(line.contains("CUDA"), "{line}");
 }
+
+#[test]
+fn a_run_too_large_for_memory_is_refused_before_allocation() {
+    // Dense attention at 200 000 tokens keeps 4 · 200 000² logits per layer: terabytes.
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let output = train(
+        &dir.path().join("run"),
+        &data,
+        &["--seq-len", "200000", "--model", "cd-attention"],
+    );
+    let line = one_line_error(&output);
+    assert!(
+        line.contains("needs about") && line.contains("MiB"),
+        "{line}"
+    );
+    assert!(!dir.path().join("run").join("metrics.csv").exists());
+}

@@ -82,6 +82,26 @@ pub enum Error {
         /// The limit it exceeded, if it was finite.
         limit: Option<f64>,
     },
+    /// A configuration whose estimated memory exceeds what the device has, refused before
+    /// anything is allocated.
+    #[error(
+        "{what} needs about {} MiB (estimate) but the device has {} MiB{}; use a shorter \
+         seq_len, a smaller batch, dim or depth",
+        needed >> 20,
+        available >> 20,
+        if *total { "" } else { " available" }
+    )]
+    OutOfMemory {
+        /// What the memory is for (the model's weights, a training run).
+        what: &'static str,
+        /// Estimated bytes.
+        needed: u64,
+        /// Bytes the device has.
+        available: u64,
+        /// Whether `available` is the device's whole memory (GPUs) rather than what is free
+        /// now (the host).
+        total: bool,
+    },
 }
 
 /// The result type of the crate.

@@ -248,10 +248,27 @@ fn read_everything(dir: &Path) {
         checkpoint::load_optimizer::<Ad, CdTransformer<Ad>, _>(dir, optimizer, &Default::default());
 }
 
-/// Mutated JSON of both models' configurations: parsed, and built where the sizes stay
-/// small (a mutated number can ask for more memory than any machine has; refusing those is
-/// the memory check's work, tested in the trainer's tests).
+/// A JSON value to put in place of a configuration field.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    prop_oneof![
+        1 => Just(Value::Null),
+        1 => any::<bool>().prop_map(Value::from),
+        8 => (0i64..300).prop_map(Value::from),
+        2 => any::<i64>().prop_map(Value::from),
+        2 => any::<f64>().prop_map(Value::from),
+        4 => (-1.0f64..2.0).prop_map(Value::from),
+        1 => "[a-z]{0,6}".prop_map(Value::from),
+        1 => Just(Value::Array(vec![])),
+    ]
+}
+
+/// Both models' JSON configurations with fields replaced by other values, removed or added,
+/// or the text itself edited: parsed, estimated, and built where the sizes stay small (a
+/// replaced number can ask for more memory than the machine has; the weights check refuses
+/// those the host cannot hold, and building one that fits but is large would only be slow).
 fn configs(cases: u32) {
+    use serde_json::Value;
     let colt5 = Colt5TransformerConfig::new(64, 16, 32, 1)
         .with_window_size(8)
         .with_heads(2)
@@ -261,40 +278,62 @@ fn configs(cases: u32) {
     let cd = CdTransformerConfig::new(64, 16, 12, 1)
         .with_heads(2)
         .with_dim_head(8);
-    let texts = [
-        serde_json::to_vec(&colt5).unwrap(),
-        serde_json::to_vec(&cd).unwrap(),
+    let values = [
+        serde_json::to_value(&colt5).unwrap(),
+        serde_json::to_value(&cd).unwrap(),
     ];
-    let small = |value: &serde_json::Value| {
-        let numbers = |v: &serde_json::Value| {
-            v.as_object()
-                .map(|o| o.values().cloned().collect::<Vec<_>>())
-                .unwrap_or_default()
-        };
-        numbers(value)
-            .iter()
-            .all(|v| v.as_f64().is_none_or(|x| x.abs() <= 256.0))
+    let small = |value: &Value| {
+        value.as_object().is_some_and(|fields| {
+            fields
+                .values()
+                .all(|v| v.as_f64().is_none_or(|x| x.abs() <= 256.0))
+        })
     };
-    for text in &texts {
-        let value: serde_json::Value = serde_json::from_slice(text).unwrap();
-        assert!(small(&value), "the unmutated configs are small");
-    }
-    serde_json::from_slice::<Colt5TransformerConfig>(&texts[0]).unwrap();
-    serde_json::from_slice::<CdTransformerConfig>(&texts[1]).unwrap();
+    assert!(values.iter().all(small), "the unmutated configs are small");
     let (parsed, built) = (Cell::new(0u32), Cell::new(0u32));
+    let mutation = (
+        0..2usize,
+        prop::collection::vec(
+            (any::<prop::sample::Index>(), prop::option::of(json_value())),
+            1..4,
+        ),
+        prop::option::weighted(0.3, edits()),
+    );
     runner(cases)
-        .run(&(0..2usize, edits()), |(which, edits)| {
-            let text = apply(texts[which].clone(), &edits);
-            let Ok(value) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        .run(&mutation, |(which, fields, edits)| {
+            let mut value = values[which].clone();
+            let object = value.as_object_mut().unwrap();
+            for (field, replacement) in fields {
+                let names: Vec<String> = object.keys().cloned().collect();
+                let name = names[field.index(names.len())].clone();
+                match replacement {
+                    Some(v) => object.insert(name, v),
+                    None => object.remove(&name),
+                };
+            }
+            let mut text = serde_json::to_vec(&value).unwrap();
+            if let Some(edits) = edits {
+                text = apply(text, &edits);
+            }
+            let Ok(value) = serde_json::from_slice::<Value>(&text) else {
                 return Ok(());
+            };
+            let build = |estimate: colt5::memory::MemoryEstimate| {
+                // Estimates of any sizes are finite or infinite numbers, never a panic.
+                let _ = estimate.training_bytes(8, 1 << 20);
+                small(&value)
             };
             let ok = match which {
                 0 => serde_json::from_value::<Colt5TransformerConfig>(value.clone())
                     .ok()
-                    .map(|c| small(&value) && c.init::<B>(&Default::default()).is_ok()),
+                    .map(|c| {
+                        build(c.memory_estimate()) && c.init::<B>(&Default::default()).is_ok()
+                    }),
                 _ => serde_json::from_value::<CdTransformerConfig>(value.clone())
                     .ok()
-                    .map(|c| small(&value) && c.init::<B>(&Default::default()).is_ok()),
+                    .map(|c| {
+                        build(c.memory_estimate()) && c.init::<B>(&Default::default()).is_ok()
+                    }),
             };
             if let Some(ok) = ok {
                 parsed.set(parsed.get() + 1);

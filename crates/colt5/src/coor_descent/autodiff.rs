@@ -48,6 +48,10 @@ impl<B: CoorDescentBackend> Backward<B, 2> for CoorDescentBackward {
 }
 
 impl<B: CoorDescentBackend, C: CheckpointStrategy> CoorDescentBackend for Autodiff<B, C> {
+    fn device_memory(device: &Self::Device) -> Option<(u64, bool)> {
+        B::device_memory(device)
+    }
+
     fn coor_descent_rows(
         scores: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -23,6 +23,13 @@ where
     I: IntElement,
     BT: BoolElement,
 {
+    /// CUDA's total device memory: CubeCL's CUDA runtime sets its largest page to a quarter
+    /// of it. Other runtimes do not say.
+    fn device_memory(device: &Self::Device) -> Option<(u64, bool)> {
+        let client = R::client(device);
+        (R::name(&client) == "cuda").then(|| (4 * client.properties().memory.max_page_size, true))
+    }
+
     fn coor_descent_solve(
         scores: FloatTensor<Self>,
         k: FloatTensor<Self>,

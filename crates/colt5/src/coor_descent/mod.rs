@@ -293,6 +293,13 @@ pub trait CoorDescentBackend: crate::fused_attention::AttentionBackend {
         portable_backward::<Self>(scores, k, mask, thresholds, grad, config)
     }
 
+    /// The memory of `device` in bytes and whether that is its whole memory (`true`) or
+    /// what is free now (`false`), for [`crate::memory::ensure_fits`]. The default is the
+    /// host's available memory; CUDA backends give the GPU's total.
+    fn device_memory(_device: &Self::Device) -> Option<(u64, bool)> {
+        crate::memory::host_available().map(|bytes| (bytes, false))
+    }
+
     /// Positions of the `k` largest entries of every row of `values: [rows, n]`
     /// (1 ≤ k ≤ n): `[rows, k]`, in descending order of value, the lower position first
     /// among equal values. Routers select their tokens with it. The default selects on the

@@ -171,6 +171,33 @@ pub struct CdTransformer<B: Backend> {
 }
 
 impl CdTransformerConfig {
+    /// The model's estimated memory, from its sizes (nothing is allocated). Dense attention
+    /// keeps each head's `[n, n]` logits, weights and their gradients; coordinate-descent
+    /// attention also its solver's iterates.
+    pub fn memory_estimate(&self) -> crate::memory::MemoryEstimate {
+        let (dim, inner) = (self.dim as f64, (self.heads * self.dim_head) as f64);
+        let hidden = dim * self.ff_mult;
+        let layer = 4.0 * dim * inner
+            + 2.0 * dim * hidden
+            + 6.0 * dim
+            + 2.0 * self.attn_null_kv as f64 * inner;
+        let logits_per_query = self.heads as f64 * self.seq_len as f64;
+        let attention = match self.attn_use_coor_descent {
+            true => 8.0 + 2.0 * self.coor_descent_iters as f64,
+            false => 4.0,
+        };
+        crate::memory::MemoryEstimate {
+            parameters: self.depth as f64 * layer
+                + dim * (2.0 * self.num_tokens as f64 + self.seq_len as f64 + 2.0),
+            activations_per_token: 16.0 * dim
+                + 8.0 * inner
+                + 4.0 * hidden
+                + attention * logits_per_query,
+            head_per_token: 4.0 * dim + 3.0 * self.num_tokens as f64,
+            depth: self.depth as f64,
+        }
+    }
+
     /// A model with PyTorch's default initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<CdTransformer<B>> {
         let hidden = (self.dim as f64 * self.ff_mult) as usize;
@@ -207,6 +234,7 @@ impl CdTransformerConfig {
                 "positive sizes",
             ));
         }
+        crate::memory::ensure_host_holds("the model's weights", self.memory_estimate())?;
         let coor_descent = schedule(self.coor_descent_iters, self.coor_descent_eps);
         coor_descent.check()?;
         let inner = self.heads * self.dim_head;

@@ -110,6 +110,26 @@ pub struct Colt5Transformer<B: Backend> {
 }
 
 impl Colt5TransformerConfig {
+    /// The model's estimated memory, from its sizes (nothing is allocated). Every layer is
+    /// linear in the sequence: local attention over three windows, heavy attention over a
+    /// fixed number of routed keys per window.
+    pub fn memory_estimate(&self) -> crate::memory::MemoryEstimate {
+        let (dim, inner) = (self.dim as f64, (self.heads * self.dim_head) as f64);
+        let ff = (self.light_ff_mult + self.heavy_ff_mult) * dim;
+        let layer = 8.0 * dim * inner + 2.0 * dim * ff + 16.0 * dim;
+        let keys = 3.0 * self.window_size as f64 + self.num_heavy_tokens_kv as f64;
+        crate::memory::MemoryEstimate {
+            parameters: self.depth as f64 * layer + 2.0 * dim * (self.num_tokens as f64 + 1.0),
+            activations_per_token: 32.0 * dim
+                + 12.0 * inner
+                + 4.0 * ff
+                + 4.0 * self.heads as f64 * keys
+                + 4.0 * self.router_iters as f64,
+            head_per_token: 4.0 * dim + 3.0 * self.num_tokens as f64,
+            depth: self.depth as f64,
+        }
+    }
+
     /// A model with PyTorch's default initialisation.
     pub fn init<B: Backend>(&self, device: &B::Device) -> crate::Result<Colt5Transformer<B>> {
         Error::require_positive(&[
@@ -138,6 +158,7 @@ impl Colt5TransformerConfig {
                 format!("at most the window size {w}"),
             ));
         }
+        crate::memory::ensure_host_holds("the model's weights", self.memory_estimate())?;
         let router = CoordinateDescentRouterConfig::new(self.dim).with_n_iters(self.router_iters);
         let attention = ConditionalRoutedAutoregressiveAttentionConfig::new(
             ConditionalRoutedAttentionConfig::new(self.dim, heavy_q, self.num_heavy_tokens_kv)
