@@ -43,10 +43,34 @@ pub struct State<C> {
     pub config: C,
 }
 
-/// `manifest.json`: the checkpoint's files with their sizes and digests.
+/// `manifest.json`: the checkpoint's files with their sizes and digests, and the SHA-256 of
+/// that listing itself, so that damage to the manifest is reported as such rather than as a
+/// mismatch of the file whose entry it hit.
 #[derive(Serialize, Deserialize, Debug)]
 struct Manifest {
     files: BTreeMap<String, FileDigest>,
+    #[serde(default)]
+    files_sha256: Option<String>,
+}
+
+impl Manifest {
+    fn new(files: BTreeMap<String, FileDigest>) -> Self {
+        let files_sha256 = Some(listing_digest(&files));
+        Manifest {
+            files,
+            files_sha256,
+        }
+    }
+}
+
+/// The SHA-256 of a manifest's listing (its JSON; the map's order is fixed).
+fn listing_digest(files: &BTreeMap<String, FileDigest>) -> String {
+    let json = serde_json::to_vec(files).expect("digests serialise");
+    hex(&Sha256::digest(&json))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
@@ -71,7 +95,7 @@ fn digest(path: &Path) -> crate::Result<FileDigest> {
     let hash = Sha256::digest(&bytes);
     Ok(FileDigest {
         bytes: bytes.len() as u64,
-        sha256: hash.iter().map(|b| format!("{b:02x}")).collect(),
+        sha256: hex(&hash),
     })
 }
 
@@ -117,7 +141,7 @@ where
             files.insert(file.into_owned(), digest(&path)?);
         }
         let manifest = temporary.join(MANIFEST);
-        write_json(&manifest, &Manifest { files })?;
+        write_json(&manifest, &Manifest::new(files))?;
         fs::File::open(&manifest)
             .and_then(|f| f.sync_all())
             .map_err(io(&manifest))?;
@@ -187,6 +211,15 @@ pub fn verify(checkpoint: &Path) -> crate::Result<()> {
     })?;
     let manifest: Manifest = serde_json::from_slice(&text)
         .map_err(|e| bad(&manifest_path, format!("corrupt checkpoint manifest: {e}")))?;
+    if let Some(expected) = &manifest.files_sha256 {
+        if *expected != listing_digest(&manifest.files) {
+            return Err(bad(
+                &manifest_path,
+                "corrupt checkpoint manifest: its listing's SHA-256 differs from the one it records"
+                    .into(),
+            ));
+        }
+    }
     for required in [MODEL, PARAM_IDS, STATE] {
         if !manifest.files.contains_key(required) {
             return Err(bad(&manifest_path, format!("lists no {required}")));
