@@ -44,32 +44,35 @@ pub fn ensure_fits<B: CoorDescentBackend>(
     needed: f64,
     device: &B::Device,
 ) -> crate::Result<()> {
-    let Some((available, total)) = B::device_memory(device) else {
-        return Ok(());
-    };
-    if needed > available as f64 {
-        return Err(Error::OutOfMemory {
+    refuse_beyond(what, needed, B::device_memory(device))
+}
+
+/// `Error::OutOfMemory` where `needed` bytes exceed the `(bytes, whole memory)` a device has;
+/// passes where that is unknown.
+fn refuse_beyond(
+    what: &'static str,
+    needed: f64,
+    memory: Option<(u64, bool)>,
+) -> crate::Result<()> {
+    match memory {
+        Some((available, total)) if needed > available as f64 => Err(Error::OutOfMemory {
             what,
             needed: needed.min(u64::MAX as f64) as u64,
             available,
             total,
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Refuses a model whose weights the host cannot hold: they pass through it on their way
 /// to any device, and checkpoints stage them there.
 pub(crate) fn ensure_host_holds(what: &'static str, estimate: MemoryEstimate) -> crate::Result<()> {
-    match host_available() {
-        Some(available) if estimate.weight_bytes() > available as f64 => Err(Error::OutOfMemory {
-            what,
-            needed: estimate.weight_bytes().min(u64::MAX as f64) as u64,
-            available,
-            total: false,
-        }),
-        _ => Ok(()),
-    }
+    refuse_beyond(
+        what,
+        estimate.weight_bytes(),
+        host_available().map(|bytes| (bytes, false)),
+    )
 }
 
 /// The host's available memory (`MemAvailable` of `/proc/meminfo`), where the system says.

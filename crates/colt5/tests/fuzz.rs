@@ -122,6 +122,29 @@ fn small_model<Bk: burn::tensor::backend::Backend>() -> CdTransformer<Bk> {
         .unwrap()
 }
 
+/// Writes `base` with each case's edits to `file` and gives it to `read`, which says
+/// whether it read the file (`Some`) and whether what it read was then usable (`true`):
+/// the counts of both.
+fn mutated_files(
+    cases: u32,
+    base: &[u8],
+    file: &Path,
+    read: impl Fn(&Path) -> Option<bool>,
+) -> (u32, u32) {
+    let (read_count, used) = (Cell::new(0u32), Cell::new(0u32));
+    runner(cases)
+        .run(&edits(), |edits| {
+            std::fs::write(file, apply(base.to_vec(), &edits)).unwrap();
+            if let Some(usable) = read(file) {
+                read_count.set(read_count.get() + 1);
+                used.set(used.get() + usable as u32);
+            }
+            Ok(())
+        })
+        .unwrap();
+    (read_count.get(), used.get())
+}
+
 fn state_dicts(cases: u32) {
     let dir = scratch("state-dict");
     let valid = dir.join("valid.safetensors");
@@ -129,25 +152,11 @@ fn state_dicts(cases: u32) {
         .save(&valid)
         .unwrap();
     let base = std::fs::read(&valid).unwrap();
-    let file = dir.join("mutated.safetensors");
-    let (read, loaded) = (Cell::new(0u32), Cell::new(0u32));
-    runner(cases)
-        .run(&edits(), |edits| {
-            std::fs::write(&file, apply(base.clone(), &edits)).unwrap();
-            if let Ok(dict) = StateDict::load(&file) {
-                read.set(read.get() + 1);
-                if dict.load_into(small_model::<B>()).is_ok() {
-                    loaded.set(loaded.get() + 1);
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
-    println!(
-        "state dicts: {cases} cases, {} still read, {} still loaded, 0 panics",
-        read.get(),
-        loaded.get()
-    );
+    let (read, loaded) = mutated_files(cases, &base, &dir.join("mutated.safetensors"), |file| {
+        let dict = StateDict::load(file).ok()?;
+        Some(dict.load_into(small_model::<B>()).is_ok())
+    });
+    println!("state dicts: {cases} cases, {read} still read, {loaded} still loaded, 0 panics");
 }
 
 /// The smallest golden case file, which exercises the case reader and the parity harness.
@@ -166,25 +175,13 @@ fn golden_cases(cases: u32) {
     let source = golden_case().expect("a golden case file (set COLT5_GOLDEN_DIR)");
     let base = std::fs::read(&source).unwrap();
     let dir = scratch("golden");
-    let file = dir.join("case.safetensors");
-    let (read, ran) = (Cell::new(0u32), Cell::new(0u32));
-    runner(cases)
-        .run(&edits(), |edits| {
-            std::fs::write(&file, apply(base.clone(), &edits)).unwrap();
-            if let Ok(case) = Case::load(&file) {
-                read.set(read.get() + 1);
-                if run_case(&case, Precision::F32).is_ok() {
-                    ran.set(ran.get() + 1);
-                }
-            }
-            Ok(())
-        })
-        .unwrap();
+    let (read, ran) = mutated_files(cases, &base, &dir.join("case.safetensors"), |file| {
+        let case = Case::load(file).ok()?;
+        Some(run_case(&case, Precision::F32).is_ok())
+    });
     println!(
-        "golden cases ({}): {cases} cases, {} still read, {} still ran, 0 panics",
-        source.display(),
-        read.get(),
-        ran.get()
+        "golden cases ({}): {cases} cases, {read} still read, {ran} still ran, 0 panics",
+        source.display()
     );
 }
 
