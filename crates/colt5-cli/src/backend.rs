@@ -70,6 +70,7 @@ pub fn run_in<J: Job>(kind: BackendKind, precision: Precision, job: J) -> Result
 fn cuda<J: Job>(precision: Precision, job: J) -> Result<J::Output> {
     use burn::backend::{cuda::CudaDevice, Cuda};
     use burn::tensor::Tensor;
+    configure_kernel_caches();
     let device = CudaDevice::default();
     // burn panics when no GPU or driver is present: probe once, with the panic message
     // silenced, and turn that into an error.
@@ -86,6 +87,40 @@ fn cuda<J: Job>(precision: Precision, job: J) -> Result<J::Output> {
         Precision::F32 => job.run::<Autodiff<Cuda>>(&device),
         Precision::Bf16 => job.run::<Autodiff<Cuda<burn::tensor::bf16>>>(&device),
     }
+}
+
+/// Where compiled kernels (PTX) and matmul autotune results are kept between runs:
+/// `$COLT5_CACHE_DIR`, else `$XDG_CACHE_HOME/colt5`, else `~/.cache/colt5`.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    var("COLT5_CACHE_DIR")
+        .map(Into::into)
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| std::path::PathBuf::from(d).join("colt5")))
+        .or_else(|| var("HOME").map(|d| std::path::PathBuf::from(d).join(".cache/colt5")))
+}
+
+/// Points CubeCL's kernel (PTX) cache and its autotune cache at [`kernel_cache_dir`], so
+/// that NVRTC compilations and matmul tuning are paid once per machine rather than once
+/// per run. Other settings come from a `cubecl.toml` as CubeCL reads it. Call before the
+/// first CUDA operation; later calls do nothing.
+#[cfg(feature = "cuda")]
+pub fn configure_kernel_caches() {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(dir) = kernel_cache_dir() else {
+            return;
+        };
+        if let Err(error) = std::fs::create_dir_all(&dir) {
+            tracing::warn!("kernel cache {} unusable ({error}); compiling afresh", dir.display());
+            return;
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.autotune.cache = CacheConfig::File(dir.clone());
+        config.compilation.cache = Some(CacheConfig::File(dir));
+        CubeClRuntimeConfig::set(config);
+    });
 }
 
 #[cfg(not(feature = "cuda"))]

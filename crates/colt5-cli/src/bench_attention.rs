@@ -120,6 +120,8 @@ mod gpu {
     }
 
     pub fn run(args: &AttentionArgs, layouts: &[[usize; 4]]) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        crate::backend::configure_kernel_caches();
         let device = Default::default();
         let client = Gpu::client(&device);
         let tunings: Vec<AttentionTuning> = layouts

@@ -161,6 +161,8 @@ mod gpu {
     }
 
     pub fn run(args: &CdArgs, shapes: &[(usize, usize)]) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        crate::backend::configure_kernel_caches();
         let device = Default::default();
         let client = Gpu::client(&device);
         println!(

@@ -165,6 +165,7 @@ mod cuda {
     }
 
     pub fn run(args: &MatmulArgs) -> Result<()> {
+        crate::backend::configure_kernel_caches();
         match args.precision {
             Precision::F32 => run_in::<Cuda>(args),
             Precision::Bf16 => run_in::<Cuda<burn::tensor::bf16>>(args),
