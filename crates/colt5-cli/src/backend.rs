@@ -91,6 +91,7 @@ fn cuda<J: Job>(precision: Precision, job: J) -> Result<J::Output> {
 
 /// Where compiled kernels (PTX) and matmul autotune results are kept between runs:
 /// `$COLT5_CACHE_DIR`, else `$XDG_CACHE_HOME/colt5`, else `~/.cache/colt5`.
+#[cfg(feature = "cuda")]
 pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     var("COLT5_CACHE_DIR")
@@ -113,7 +114,10 @@ pub fn configure_kernel_caches() {
             return;
         };
         if let Err(error) = std::fs::create_dir_all(&dir) {
-            tracing::warn!("kernel cache {} unusable ({error}); compiling afresh", dir.display());
+            tracing::warn!(
+                "kernel cache {} unusable ({error}); compiling afresh",
+                dir.display()
+            );
             return;
         }
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();

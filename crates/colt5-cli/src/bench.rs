@@ -37,11 +37,14 @@ enum BenchCommand {
     Attention(crate::bench_attention::AttentionArgs),
     /// The CoLT5 block's matrix products under each of CubeCL's matmul strategies (CUDA).
     Matmul(crate::bench_matmul::MatmulArgs),
+    /// Generation speed (time to the first token, per-token latency, tokens/s) of the
+    /// language models, for the configurations of the reference's `bench_generate.py`.
+    Generate(crate::bench_generate::GenerateArgs),
 }
 
 /// Language-model configurations of the benchmark.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum LmBench {
+pub enum LmBench {
     /// Coordinate-descent attention: dim 256, depth 4, seq 256, 4 heads of 64, k 2,
     /// 15 iterations.
     SmallCd,
@@ -59,7 +62,8 @@ enum LmBench {
 }
 
 impl LmBench {
-    fn config(self) -> ModelConfig {
+    /// The configuration's model.
+    pub fn config(self) -> ModelConfig {
         let small = || {
             CdTransformerConfig::new(256, 256, 256, 4)
                 .with_dim_head(64)
@@ -123,6 +127,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchCommand::Block(args) => crate::bench_block::run(args),
         BenchCommand::Attention(args) => crate::bench_attention::run(args),
         BenchCommand::Matmul(args) => crate::bench_matmul::run(args),
+        BenchCommand::Generate(args) => crate::bench_generate::run(args),
     }
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod bench_attention;
 mod bench_block;
 mod bench_cd;
+mod bench_generate;
 mod bench_matmul;
 mod demo;
 mod generate;
