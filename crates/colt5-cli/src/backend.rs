@@ -1,15 +1,17 @@
 //! Choosing where a command runs.
 
 use anyhow::Result;
-use burn::backend::{Autodiff, NdArray};
+use burn::backend::{Autodiff, Flex, NdArray};
 use burn::tensor::backend::AutodiffBackend;
 use colt5::coor_descent::CoorDescentBackend;
 
 /// The devices a command can run on.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum BackendKind {
-    /// The CPU (burn's `NdArray`, f32).
+    /// The CPU (burn's `Flex`: gemm matrix products, SIMD, all cores; f32).
     Cpu,
+    /// The CPU through burn's `NdArray` backend (single-threaded; f32).
+    Ndarray,
     /// The first CUDA GPU (requires a build with `--features cuda`).
     Cuda,
 }
@@ -56,10 +58,11 @@ pub fn run_on<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
 /// Runs `job` on the chosen backend in `precision`.
 pub fn run_in<J: Job>(kind: BackendKind, precision: Precision, job: J) -> Result<J::Output> {
     match (kind, precision) {
-        (BackendKind::Cpu, Precision::F32) => {
+        (BackendKind::Cpu, Precision::F32) => job.run::<Autodiff<Flex>>(&Default::default()),
+        (BackendKind::Ndarray, Precision::F32) => {
             job.run::<Autodiff<NdArray<f32>>>(&Default::default())
         }
-        (BackendKind::Cpu, Precision::Bf16) => {
+        (BackendKind::Cpu | BackendKind::Ndarray, Precision::Bf16) => {
             anyhow::bail!("--precision bf16 runs on CUDA only (use --backend cuda)")
         }
         (BackendKind::Cuda, precision) => cuda(precision, job),

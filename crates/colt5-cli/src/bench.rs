@@ -59,6 +59,9 @@ pub enum LmBench {
     /// 64, 4 heads of 32, 64 heavy keys/values and 16 heavy feed-forward tokens per
     /// window); sequences of 4 096 tokens unless `--seq-len` says otherwise.
     Colt5,
+    /// `colt5 train --preset small`'s coordinate-descent-attention LM: dim 128, depth 2,
+    /// seq 128, 4 heads of 32, k 2, 15 iterations.
+    Small,
 }
 
 impl LmBench {
@@ -96,6 +99,11 @@ impl LmBench {
                     .with_num_heavy_ff_tokens(16),
             ),
             LmBench::Colt5 => ModelConfig::Colt5(Colt5TransformerConfig::new(256, 512, 4096, 1)),
+            LmBench::Small => {
+                crate::train::Preset::Small
+                    .config(crate::model::ModelKind::CdAttention)
+                    .model
+            }
         }
     }
 }

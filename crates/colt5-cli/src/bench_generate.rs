@@ -19,7 +19,7 @@ use crate::model::Lm;
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// Configurations to time (random weights: speed only).
-    #[arg(long, value_enum, num_args = 1.., default_values = ["small-cd", "recipe-cd", "small-colt5"])]
+    #[arg(long, value_enum, num_args = 1.., default_values = ["small", "small-cd", "recipe-cd", "small-colt5"])]
     configs: Vec<LmBench>,
     /// Prompt lengths (random tokens), one row each.
     #[arg(long, num_args = 1.., default_values_t = [1, 256])]

@@ -418,6 +418,33 @@ fn primitive<B: Backend>(tensor: Tensor<B, 2>) -> FloatTensor<B> {
     tensor.into_primitive().tensor()
 }
 
+/// The fused row loops of `cpu.rs` for CPU backends, which read their inputs on the host.
+macro_rules! host_coor_descent {
+    () => {
+        /// The fused row loop of `cpu.rs` for the iterative solver.
+        fn coor_descent_solve(
+            scores: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            mask: Option<BoolTensor<Self>>,
+            config: &CoorDescentConfig,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
+            host_solve::<Self>(scores, k, mask, config)
+        }
+
+        /// The fused reverse sweep of `cpu.rs` for the iterative solver.
+        fn coor_descent_backward(
+            scores: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            mask: Option<BoolTensor<Self>>,
+            thresholds: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            config: &CoorDescentConfig,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            host_backward::<Self>(scores, k, mask, thresholds, grad, config)
+        }
+    };
+}
+
 impl<E, I, Q> CoorDescentBackend for burn::backend::NdArray<E, I, Q>
 where
     E: burn::backend::ndarray::FloatNdArrayElement,
@@ -426,46 +453,54 @@ where
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
     burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
 {
-    /// The fused row loop of `cpu.rs` for the iterative solver.
-    fn coor_descent_solve(
-        scores: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        config: &CoorDescentConfig,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, SolveStats) {
-        let Some(schedule) = config.schedule() else {
-            return portable_solve::<Self>(scores, k, mask, config);
-        };
-        let host = HostRows::<Self>::read(scores, k, mask);
-        let (y, thresholds) = cpu::forward(&host.rows(), &schedule);
-        let steps = schedule.iterations.len();
-        (
-            host.tensor(y, [host.count, host.n]),
-            host.tensor(thresholds, [host.count, steps]),
-            SolveStats { passes: steps },
-        )
-    }
+    host_coor_descent!();
+}
 
-    /// The fused reverse sweep of `cpu.rs` for the iterative solver.
-    fn coor_descent_backward(
-        scores: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        mask: Option<BoolTensor<Self>>,
-        thresholds: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        config: &CoorDescentConfig,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let Some(schedule) = config.schedule() else {
-            return portable_backward::<Self>(scores, k, mask, thresholds, grad, config);
-        };
-        let host = HostRows::<Self>::read(scores, k, mask);
-        let grad = host_values::<Self>(grad);
-        let (d_scores, d_k) = cpu::backward(&host.rows(), &grad, &schedule);
-        (
-            host.tensor(d_scores, [host.count, host.n]),
-            host.tensor(d_k, [host.count, 1]),
-        )
-    }
+impl CoorDescentBackend for burn::backend::Flex {
+    host_coor_descent!();
+}
+
+/// The iterative solver as the fused row loop of `cpu.rs`, on the host; other schedules
+/// portably.
+fn host_solve<B: Backend>(
+    scores: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    config: &CoorDescentConfig,
+) -> (FloatTensor<B>, FloatTensor<B>, SolveStats) {
+    let Some(schedule) = config.schedule() else {
+        return portable_solve::<B>(scores, k, mask, config);
+    };
+    let host = HostRows::<B>::read(scores, k, mask);
+    let (y, thresholds) = cpu::forward(&host.rows(), &schedule);
+    let steps = schedule.iterations.len();
+    (
+        host.tensor(y, [host.count, host.n]),
+        host.tensor(thresholds, [host.count, steps]),
+        SolveStats { passes: steps },
+    )
+}
+
+/// The iterative solver's reverse sweep as the fused loop of `cpu.rs`, on the host; other
+/// schedules portably.
+fn host_backward<B: Backend>(
+    scores: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    thresholds: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    config: &CoorDescentConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let Some(schedule) = config.schedule() else {
+        return portable_backward::<B>(scores, k, mask, thresholds, grad, config);
+    };
+    let host = HostRows::<B>::read(scores, k, mask);
+    let grad = host_values::<B>(grad);
+    let (d_scores, d_k) = cpu::backward(&host.rows(), &grad, &schedule);
+    (
+        host.tensor(d_scores, [host.count, host.n]),
+        host.tensor(d_k, [host.count, 1]),
+    )
 }
 
 /// One call's inputs copied to the host in f64.

@@ -102,6 +102,8 @@ where
 {
 }
 
+impl AttentionBackend for burn::backend::Flex {}
+
 /// [`AttentionBackend::fused_attention`] on tensors.
 pub fn fused_attention<B: AttentionBackend>(
     q: Tensor<B, 4>,
