@@ -143,6 +143,13 @@ pub struct TrainArgs {
     /// divergence).
     #[arg(long)]
     lr: Option<f64>,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Cosine decay of the learning rate to this fraction of `--lr` at the last step
+    /// (0 to 1; 1 keeps it constant).
+    #[arg(long)]
+    final_lr_fraction: Option<f64>,
     /// Training sequence length (and the model's longest sequence).
     #[arg(long)]
     seq_len: Option<usize>,
@@ -196,6 +203,10 @@ impl TrainArgs {
         set(&mut training.grad_accum, self.grad_accum);
         set(&mut training.eval_every, self.eval_every);
         set(&mut training.checkpoint_every, self.checkpoint_every);
+        set(&mut training.warmup_steps, self.warmup_steps);
+        if let Some(fraction) = self.final_lr_fraction {
+            training.final_lr_fraction = Some(fraction);
+        }
         if let Some(lr) = self.lr {
             training.lr = lr;
         }

@@ -20,30 +20,31 @@ impl Rows<'_> {
         self.k.len()
     }
 
-    /// Row `r`'s scores with masked entries at [`MASKED_SCORE`], and its valid count (≥ 1).
-    fn row(&self, r: usize, buffer: &mut Vec<f64>) -> f64 {
+    /// Row `r`'s selectable entries: their scores in `scores` and their columns in
+    /// `columns`; returns their count. Masked entries are left out: at [`MASKED_SCORE`]
+    /// their terms of every partition sum and every gradient are exactly 0, so leaving
+    /// them out changes no value and halves the work of a causal mask. A row with no
+    /// selectable entry returns 0 and leaves both empty (its outputs and gradients are 0).
+    fn row(&self, r: usize, scores: &mut Vec<f64>, columns: &mut Vec<usize>) -> usize {
         let n = self.n;
-        buffer.clear();
-        buffer.extend_from_slice(&self.scores[r * n..(r + 1) * n]);
+        let row = &self.scores[r * n..(r + 1) * n];
+        scores.clear();
+        columns.clear();
         match self.mask {
             Some(mask) => {
-                let mask = &mask[r * n..(r + 1) * n];
-                let mut valid = 0usize;
-                for (s, &keep) in buffer.iter_mut().zip(mask) {
+                for (j, (&s, &keep)) in row.iter().zip(&mask[r * n..(r + 1) * n]).enumerate() {
                     if keep {
-                        valid += 1;
-                    } else {
-                        *s = MASKED_SCORE;
+                        scores.push(s);
+                        columns.push(j);
                     }
                 }
-                valid.max(1) as f64
             }
-            None => n as f64,
+            None => {
+                scores.extend_from_slice(row);
+                columns.extend(0..n);
+            }
         }
-    }
-
-    fn valid(&self, r: usize, j: usize) -> bool {
-        self.mask.is_none_or(|m| m[r * self.n + j])
+        scores.len()
     }
 }
 
@@ -114,16 +115,19 @@ pub(crate) fn forward(input: &Rows, schedule: &Schedule) -> (Vec<f64>, Vec<f64>)
         rows * n * steps,
         |first, y, a| {
             let mut scores = Vec::with_capacity(n);
+            let mut columns = Vec::with_capacity(n);
             for (local, (y, a)) in y.chunks_mut(n).zip(a.chunks_mut(steps)).enumerate() {
                 let r = first + local;
-                let valid = input.row(r, &mut scores);
-                thresholds(&scores, valid, input.k[r], schedule, a);
+                let valid = input.row(r, &mut scores, &mut columns);
+                if valid == 0 {
+                    // Outputs stay 0; the thresholds are those of a row of masked scores.
+                    thresholds(&vec![MASKED_SCORE; n], 1.0, input.k[r], schedule, a);
+                    continue;
+                }
+                thresholds(&scores, valid as f64, input.k[r], schedule, a);
                 let last = a[steps - 1];
-                for (j, (y, &s)) in y.iter_mut().zip(&scores).enumerate() {
-                    *y = match input.valid(r, j) {
-                        true => ((s + last).min(0.0) / schedule.output).exp(),
-                        false => 0.0,
-                    };
+                for (&j, &s) in columns.iter().zip(&scores) {
+                    y[j] = ((s + last).min(0.0) / schedule.output).exp();
                 }
             }
         },
@@ -148,23 +152,28 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
         rows * n * steps,
         |first, ds, dk| {
             let mut scores = Vec::with_capacity(n);
+            let mut columns = Vec::with_capacity(n);
             let mut weights = vec![0.0; n];
+            let mut row_grad = vec![0.0; n];
             let mut a = vec![0.0; steps];
             for (local, (ds, dk)) in ds.chunks_mut(n).zip(dk.iter_mut()).enumerate() {
                 let r = first + local;
-                let valid = input.row(r, &mut scores);
-                let row_max = thresholds(&scores, valid, input.k[r], schedule, &mut a);
+                let valid = input.row(r, &mut scores, &mut columns);
+                if valid == 0 {
+                    continue; // no output depends on the scores or k
+                }
+                let row_max = thresholds(&scores, valid as f64, input.k[r], schedule, &mut a);
                 let g = &grad[r * n..(r + 1) * n];
+                let weights = &mut weights[..valid];
+                let d_row = &mut row_grad[..valid];
                 let last = a[steps - 1];
                 let mut d_a = 0.0;
-                for (j, ((ds, &s), &g)) in ds.iter_mut().zip(&scores).zip(g).enumerate() {
-                    // Masked entries have output 0 whatever a is: no part in ā_T (this
-                    // matters for fully masked rows, whose a runs to about 1e30).
-                    *ds = match s + last <= 0.0 && input.valid(r, j) {
-                        true => g * ((s + last) / schedule.output).exp() / schedule.output,
+                for ((d, &s), &j) in d_row.iter_mut().zip(&scores).zip(&columns) {
+                    *d = match s + last <= 0.0 {
+                        true => g[j] * ((s + last) / schedule.output).exp() / schedule.output,
                         false => 0.0,
                     };
-                    d_a += *ds;
+                    d_a += *d;
                 }
                 let mut d_log_k = d_a * schedule.iterations[steps - 1];
                 for t in (2..=steps).rev() {
@@ -177,20 +186,18 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
                         total += *w;
                     }
                     let mut mass_below = 0.0;
-                    for ((ds, &s), &w) in ds.iter_mut().zip(&scores).zip(&weights) {
+                    for ((d, &s), &w) in d_row.iter_mut().zip(&scores).zip(weights.iter()) {
                         if s <= ceiling {
                             let p = w / total;
                             mass_below += p;
-                            *ds -= p * d_a;
+                            *d -= p * d_a;
                         }
                     }
                     d_a *= 1.0 - mass_below;
                     d_log_k += d_a * schedule.iterations[t - 2];
                 }
-                for (j, ds) in ds.iter_mut().enumerate() {
-                    if !input.valid(r, j) {
-                        *ds = 0.0;
-                    }
+                for (&j, &d) in columns.iter().zip(d_row.iter()) {
+                    ds[j] = d;
                 }
                 *dk = d_log_k / input.k[r];
             }

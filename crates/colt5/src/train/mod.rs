@@ -51,8 +51,16 @@ pub struct TrainingConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step (their gradients are averaged). Default 1.
     pub grad_accum: usize,
-    /// Adam learning rate. Default 2e-3.
+    /// Adam learning rate (the peak of the schedule). Default 2e-3.
     pub lr: f64,
+    /// Steps over which the rate rises linearly from `lr / warmup_steps` to `lr`. Default 0
+    /// (the reference's constant rate).
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// After the warm-up, the rate follows a cosine from `lr` down to `final_lr_fraction · lr`
+    /// at the last step (`steps`). Default `None`: the rate stays `lr`.
+    #[serde(default)]
+    pub final_lr_fraction: Option<f64>,
     /// Optimizer steps of the whole run. Default 300.
     pub steps: usize,
     /// Clip the global gradient norm to this (none if absent). Default 0.5.
@@ -88,6 +96,8 @@ impl Default for TrainingConfig {
             batch_size: 8,
             grad_accum: 1,
             lr: 2e-3,
+            warmup_steps: 0,
+            final_lr_fraction: None,
             steps: 300,
             clip_norm: Some(0.5),
             eval_every: 50,
@@ -117,6 +127,15 @@ impl TrainingConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(Error::config("lr", self.lr, "a finite number > 0"));
         }
+        if let Some(fraction) = self.final_lr_fraction {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(Error::config(
+                    "final_lr_fraction",
+                    fraction,
+                    "a number in [0, 1]",
+                ));
+            }
+        }
         if let Some(clip) = self.clip_norm {
             if !(clip > 0.0 && clip.is_finite()) {
                 return Err(Error::config("clip_norm", clip, "a finite number > 0"));
@@ -132,6 +151,23 @@ impl TrainingConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl TrainingConfig {
+    /// The learning rate of optimizer step `step` (1-based): the linear warm-up, then the
+    /// cosine decay if `final_lr_fraction` is set.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step <= self.warmup_steps {
+            return self.lr * step as f64 / self.warmup_steps as f64;
+        }
+        let Some(fraction) = self.final_lr_fraction else {
+            return self.lr;
+        };
+        let decay_steps = self.steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.lr * (fraction + (1.0 - fraction) * cosine)
     }
 }
 
@@ -328,7 +364,9 @@ where
             if let Some(max_norm) = config.clip_norm {
                 clip_global_norm(&self.model, &mut grads, max_norm);
             }
-            self.model = self.optimizer.step(config.lr, self.model.clone(), grads);
+            self.model = self
+                .optimizer
+                .step(config.lr_at(step), self.model.clone(), grads);
             self.step = step;
             let report = StepReport {
                 step,
