@@ -2,6 +2,7 @@
 //! the same arithmetic as `iterative.rs` (in f64), without a tensor per operation and
 //! iteration. Rows are split across the available cores.
 
+use super::exp::{exp_in_place, sum};
 use super::iterative::Schedule;
 use super::MASKED_SCORE;
 
@@ -48,15 +49,22 @@ impl Rows<'_> {
     }
 }
 
-/// Σ_j exp((min(s_j, −a) − shift)/eps) and the shift min(max s, −a).
-fn partition(scores: &[f64], row_max: f64, a: f64, eps: f64) -> (f64, f64) {
+/// Σ_j exp((min(s_j, −a) − shift)/eps) and the shift min(max s, −a); the terms are left in
+/// `terms`.
+fn partition(scores: &[f64], row_max: f64, a: f64, eps: f64, terms: &mut Vec<f64>) -> (f64, f64) {
     let ceiling = -a;
     let shift = row_max.min(ceiling);
-    let total = scores
-        .iter()
-        .map(|&s| ((s.min(ceiling) - shift) / eps).exp())
-        .sum();
-    (total, shift)
+    terms.clear();
+    terms.extend(scores.iter().map(|&s| (s.min(ceiling) - shift) / eps));
+    exp_in_place(terms);
+    (sum(terms), shift)
+}
+
+/// exp(min(s_j + a, 0) / eps) for each score, into `out`.
+fn outputs(scores: &[f64], a: f64, eps: f64, out: &mut Vec<f64>) {
+    out.clear();
+    out.extend(scores.iter().map(|&s| (s + a).min(0.0) / eps));
+    exp_in_place(out);
 }
 
 /// Splits `rows` rows across threads; `work(first_row, outputs...)` fills each chunk.
@@ -88,15 +96,22 @@ fn parallel_rows<F>(
     });
 }
 
-/// Fills `out` with a_1..a_T of one row (masked scores at [`MASKED_SCORE`]); returns the
-/// row maximum.
-fn thresholds(scores: &[f64], valid: f64, k: f64, schedule: &Schedule, out: &mut [f64]) -> f64 {
+/// Fills `out` with a_1..a_T of one row of `valid` selectable scores; returns the row
+/// maximum. `terms` is scratch space.
+fn thresholds(
+    scores: &[f64],
+    valid: f64,
+    k: f64,
+    schedule: &Schedule,
+    out: &mut [f64],
+    terms: &mut Vec<f64>,
+) -> f64 {
     let log_k = k.ln();
     let row_max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut a = schedule.iterations[0] * (log_k - valid.ln());
     out[0] = a;
     for (t, &eps) in schedule.iterations.iter().enumerate().skip(1) {
-        let (total, shift) = partition(scores, row_max, a, eps);
+        let (total, shift) = partition(scores, row_max, a, eps, terms);
         a = eps * (log_k - total.ln()) - shift;
         out[t] = a;
     }
@@ -116,18 +131,20 @@ pub(crate) fn forward(input: &Rows, schedule: &Schedule) -> (Vec<f64>, Vec<f64>)
         |first, y, a| {
             let mut scores = Vec::with_capacity(n);
             let mut columns = Vec::with_capacity(n);
+            let mut terms = Vec::with_capacity(n);
             for (local, (y, a)) in y.chunks_mut(n).zip(a.chunks_mut(steps)).enumerate() {
                 let r = first + local;
                 let valid = input.row(r, &mut scores, &mut columns);
                 if valid == 0 {
                     // Outputs stay 0; the thresholds are those of a row of masked scores.
-                    thresholds(&vec![MASKED_SCORE; n], 1.0, input.k[r], schedule, a);
+                    let masked = vec![MASKED_SCORE; n];
+                    thresholds(&masked, 1.0, input.k[r], schedule, a, &mut terms);
                     continue;
                 }
-                thresholds(&scores, valid as f64, input.k[r], schedule, a);
-                let last = a[steps - 1];
-                for (&j, &s) in columns.iter().zip(&scores) {
-                    y[j] = ((s + last).min(0.0) / schedule.output).exp();
+                thresholds(&scores, valid as f64, input.k[r], schedule, a, &mut terms);
+                outputs(&scores, a[steps - 1], schedule.output, &mut terms);
+                for (&j, &out) in columns.iter().zip(&terms) {
+                    y[j] = out;
                 }
             }
         },
@@ -153,7 +170,7 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
         |first, ds, dk| {
             let mut scores = Vec::with_capacity(n);
             let mut columns = Vec::with_capacity(n);
-            let mut weights = vec![0.0; n];
+            let mut weights = Vec::with_capacity(n);
             let mut row_grad = vec![0.0; n];
             let mut a = vec![0.0; steps];
             for (local, (ds, dk)) in ds.chunks_mut(n).zip(dk.iter_mut()).enumerate() {
@@ -162,15 +179,18 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
                 if valid == 0 {
                     continue; // no output depends on the scores or k
                 }
-                let row_max = thresholds(&scores, valid as f64, input.k[r], schedule, &mut a);
+                let valid = valid as f64;
+                let row_max =
+                    thresholds(&scores, valid, input.k[r], schedule, &mut a, &mut weights);
                 let g = &grad[r * n..(r + 1) * n];
-                let weights = &mut weights[..valid];
-                let d_row = &mut row_grad[..valid];
+                let d_row = &mut row_grad[..scores.len()];
                 let last = a[steps - 1];
+                outputs(&scores, last, schedule.output, &mut weights);
                 let mut d_a = 0.0;
-                for ((d, &s), &j) in d_row.iter_mut().zip(&scores).zip(&columns) {
+                for (((d, &s), &j), &y) in d_row.iter_mut().zip(&scores).zip(&columns).zip(&weights)
+                {
                     *d = match s + last <= 0.0 {
-                        true => g[j] * ((s + last) / schedule.output).exp() / schedule.output,
+                        true => g[j] * y / schedule.output,
                         false => 0.0,
                     };
                     d_a += *d;
@@ -179,12 +199,7 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
                 for t in (2..=steps).rev() {
                     let eps = schedule.iterations[t - 1];
                     let ceiling = -a[t - 2];
-                    let shift = row_max.min(ceiling);
-                    let mut total = 0.0;
-                    for (w, &s) in weights.iter_mut().zip(&scores) {
-                        *w = ((s.min(ceiling) - shift) / eps).exp();
-                        total += *w;
-                    }
+                    let (total, _) = partition(&scores, row_max, a[t - 2], eps, &mut weights);
                     let mut mass_below = 0.0;
                     for ((d, &s), &w) in d_row.iter_mut().zip(&scores).zip(weights.iter()) {
                         if s <= ceiling {

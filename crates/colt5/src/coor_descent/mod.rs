@@ -57,6 +57,7 @@
 mod autodiff;
 mod converged;
 mod cpu;
+mod exp;
 mod iterative;
 
 use burn::config::Config;
