@@ -13,8 +13,8 @@
 const ROUND: f64 = 6_755_399_441_055_744.0;
 const LOG2_E: f64 = std::f64::consts::LOG2_E;
 /// ln 2 in two parts; the first has 32 trailing zero bits, so k · LN2_HI is exact.
-const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 /// 1/n! for n = 13 down to 2.
 const INVERSE_FACTORIALS: [f64; 12] = [
     1.0 / 6_227_020_800.0,
