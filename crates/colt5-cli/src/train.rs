@@ -65,7 +65,17 @@ impl Preset {
                             .with_num_heavy_ff_tokens(8),
                     ),
                 },
-                training: TrainingConfig::default(),
+                // About 2.5 minutes on 2 cores: a warm-up and a cosine decay reach a lower
+                // loss in that time than the reference's constant rate.
+                training: TrainingConfig {
+                    steps: 1200,
+                    lr: 3e-3,
+                    warmup_steps: 50,
+                    final_lr_fraction: Some(0.1),
+                    eval_every: 100,
+                    checkpoint_every: 200,
+                    ..TrainingConfig::default()
+                },
             },
             Preset::Recipe => TrainConfig {
                 model: match kind {

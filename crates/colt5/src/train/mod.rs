@@ -585,3 +585,34 @@ fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TrainingConfig;
+
+    #[test]
+    fn the_rate_warms_up_linearly_then_follows_the_cosine_to_its_floor() {
+        let config = TrainingConfig {
+            lr: 1e-2,
+            steps: 110,
+            warmup_steps: 10,
+            final_lr_fraction: Some(0.1),
+            ..TrainingConfig::default()
+        };
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-15, "{a} vs {b}");
+        close(config.lr_at(1), 1e-3);
+        close(config.lr_at(10), 1e-2);
+        close(config.lr_at(60), 1e-2 * (0.1 + 0.9 * 0.5));
+        close(config.lr_at(110), 1e-3);
+        close(config.lr_at(200), 1e-3);
+        let constant = TrainingConfig::default();
+        close(constant.lr_at(1), constant.lr);
+        close(constant.lr_at(1000), constant.lr);
+        assert!(TrainingConfig {
+            final_lr_fraction: Some(1.5),
+            ..TrainingConfig::default()
+        }
+        .check()
+        .is_err());
+    }
+}
