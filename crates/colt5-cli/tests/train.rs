@@ -458,3 +458,41 @@ fn a_run_too_large_for_memory_is_refused_before_allocation() {
     );
     assert!(!dir.path().join("run").join("metrics.csv").exists());
 }
+
+/// The CPU backend splits work across threads in a fixed way: one thread and four threads
+/// train to the same losses and byte-identical weights, so a run resumes exactly on a
+/// machine with another core count.
+#[test]
+fn one_and_four_threads_train_to_identical_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_text(dir.path());
+    let run = |threads: &str| {
+        let out = dir.path().join(format!("threads-{threads}"));
+        let args = tiny_with(&[
+            "--dim",
+            "64",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "8",
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "6",
+        ]);
+        let output = train_command(&out, &data, args)
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        out
+    };
+    let (one, four) = (run("1"), run("4"));
+    assert_eq!(losses(&one, "train"), losses(&four, "train"));
+    let weights = |run: &Path| std::fs::read(run.join("checkpoint-00000006/model.safetensors"));
+    assert_eq!(weights(&one).unwrap(), weights(&four).unwrap());
+}
