@@ -60,7 +60,7 @@ pub enum LmBench {
     /// window); sequences of 4 096 tokens unless `--seq-len` says otherwise.
     Colt5,
     /// `colt5 train --preset small`'s coordinate-descent-attention LM: dim 128, depth 2,
-    /// seq 128, 4 heads of 32, k 2, 15 iterations.
+    /// seq 64, 4 heads of 32, k 2, 15 iterations.
     Small,
 }
 

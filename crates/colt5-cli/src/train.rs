@@ -51,7 +51,7 @@ impl Preset {
             Preset::Small => TrainConfig {
                 model: match kind {
                     ModelKind::CdAttention => ModelConfig::CdAttention(
-                        CdTransformerConfig::new(256, 128, 128, 2)
+                        CdTransformerConfig::new(256, 128, 64, 2)
                             .with_heads(4)
                             .with_dim_head(32)
                             .with_attn_use_coor_descent(true)
@@ -59,21 +59,24 @@ impl Preset {
                             .with_coor_descent_iters(15),
                     ),
                     ModelKind::Colt5 => ModelConfig::Colt5(
-                        Colt5TransformerConfig::new(256, 128, 128, 2)
+                        Colt5TransformerConfig::new(256, 128, 64, 2)
                             .with_window_size(32)
                             .with_num_heavy_tokens_kv(32)
                             .with_num_heavy_ff_tokens(8),
                     ),
                 },
-                // About 2.5 minutes on 2 cores: a warm-up and a cosine decay reach a lower
-                // loss in that time than the reference's constant rate.
+                // About 2.7 minutes on 2 cores. Measured on the bundled corpus: a warm-up and
+                // a cosine decay beat the reference's constant rate, and 16 sequences of 64
+                // bytes per step learn much faster than 8 of 128 (1.91 against 2.39 nats/byte
+                // after the same time).
                 training: TrainingConfig {
-                    steps: 1200,
+                    batch_size: 16,
+                    steps: 1500,
                     lr: 3e-3,
                     warmup_steps: 50,
                     final_lr_fraction: Some(0.1),
-                    eval_every: 100,
-                    checkpoint_every: 200,
+                    eval_every: 250,
+                    checkpoint_every: 250,
                     ..TrainingConfig::default()
                 },
             },
