@@ -3,8 +3,8 @@
 //! Conditional computation for long sequences, on [burn](https://burn.dev): the
 //! coordinate-descent soft top-k with an exact backward pass, the CoLT5 routed layers, and
 //! the coordinate-descent-attention language model. Modules are generic over burn's
-//! `Backend`, so the same model runs on CPU (`NdArray`) and, with the `cuda` feature, on
-//! NVIDIA GPUs.
+//! `Backend`, so the same model runs on CPU (burn's `Flex`, which the CLI uses, or
+//! `NdArray`, which the f64 parity tests use) and, with the `cuda` feature, on NVIDIA GPUs.
 //!
 //! Start with [`coor_descent::coor_descent`], the routing operator.
 
