@@ -22,9 +22,10 @@ impl Rows<'_> {
     }
 
     /// Row `r`'s selectable entries: their scores in `scores` and their columns in
-    /// `columns`; returns their count. Masked entries are left out: at [`MASKED_SCORE`]
-    /// their terms of every partition sum and every gradient are exactly 0, so leaving
-    /// them out changes no value and halves the work of a causal mask. A row with no
+    /// `columns`; returns their count. Masked entries are left out: set to [`MASKED_SCORE`],
+    /// as the portable solver sets them, their terms of every partition sum and every
+    /// gradient would be exactly 0, so leaving them out changes no value and halves the
+    /// work of a causal mask. A row with no
     /// selectable entry returns 0 and leaves both empty (its outputs and gradients are 0).
     fn row(&self, r: usize, scores: &mut Vec<f64>, columns: &mut Vec<usize>) -> usize {
         let n = self.n;
