@@ -7,11 +7,7 @@
 # bench_coor_descent.py and bench_accuracy.py, and with the argument `lm`, `colt5 bench lm`
 # beside bench_cpu_lm.py on the same two cores.
 set -uo pipefail
-out=${OUT:-bench-out}
-mkdir -p "$out"
-for packed in .device/*.xz; do
-    [ -e "$packed" ] && xz -dkf "$packed" && chmod +x "${packed%.xz}"
-done
+source "$(dirname "$0")/device_prologue.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 .device/kernels --test-threads 1 --nocapture > "$out/kernel_tests.txt" 2>&1
 tail -3 "$out/kernel_tests.txt"

@@ -10,11 +10,7 @@
 # the CoLT5 LM's training steps at 4 096 to 65 536 tokens, and once the reference's
 # bench_block.py (fp32, bf16 autocast and bf16 weights; between the two), in one call.
 set -uo pipefail
-out=${OUT:-bench-out}
-mkdir -p "$out"
-for packed in .device/*.xz; do
-    [ -e "$packed" ] && xz -dkf "$packed" && chmod +x "${packed%.xz}"
-done
+source "$(dirname "$0")/device_prologue.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader | tee "$out/device.txt"
 [ -x .device/kernels ] && timeout 120 .device/kernels --test-threads 1 top_k 2>&1 | tail -4 | tee "$out/kernel_tests.txt"
 [ -x .device/gpu ] && timeout 120 .device/gpu --nocapture 2>&1 | tail -6 | tee "$out/gpu_tests.txt"

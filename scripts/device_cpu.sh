@@ -5,11 +5,7 @@
 # (`taskset -c 0,1`), in one call: `colt5 bench lm` beside bench_cpu_lm.py and
 # `colt5 bench generate` beside bench_generate.py. Writes the tables to $OUT (or ./bench-out).
 set -uo pipefail
-out=${OUT:-bench-out}
-mkdir -p "$out"
-for packed in .device/*.xz; do
-    [ -e "$packed" ] && xz -dkf "$packed" && chmod +x "${packed%.xz}"
-done
+source "$(dirname "$0")/device_prologue.sh"
 lscpu | grep "Model name" | tee "$out/cpu.txt"
 bench=.device/shared/bench
 taskset -c 0,1 .device/colt5 bench lm --steps 3 --configs small-cd small-dense small-colt5 small 2>&1 | tee "$out/colt5_lm.md"

@@ -5,11 +5,7 @@
 # --profiler-range`) at each length in $SEQS and sums them by kernel and by class
 # (scripts/ncu_summary.py). Writes to $OUT (or ./bench-out).
 set -uo pipefail
-out=${OUT:-bench-out}
-mkdir -p "$out"
-for packed in .device/*.xz; do
-    [ -e "$packed" ] && xz -dkf "$packed" && chmod +x "${packed%.xz}"
-done
+source "$(dirname "$0")/device_prologue.sh"
 for seq in ${SEQS:-65536}; do
     timeout 300 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
         --csv --page raw --log-file "$out/ncu_$seq.csv" \

@@ -25,8 +25,8 @@ impl Rows<'_> {
     /// `columns`; returns their count. Masked entries are left out: set to [`MASKED_SCORE`],
     /// as the portable solver sets them, their terms of every partition sum and every
     /// gradient would be exactly 0, so leaving them out changes no value and halves the
-    /// work of a causal mask. A row with no
-    /// selectable entry returns 0 and leaves both empty (its outputs and gradients are 0).
+    /// work of a causal mask. A row with no selectable entry returns 0 and leaves both
+    /// empty (its outputs and gradients are 0).
     fn row(&self, r: usize, scores: &mut Vec<f64>, columns: &mut Vec<usize>) -> usize {
         let n = self.n;
         let row = &self.scores[r * n..(r + 1) * n];
