@@ -1,5 +1,6 @@
 //! `colt5 bench matmul`: the matrix products of the CoLT5 block (forward, input gradient,
-//! weight gradient) under each of CubeCL's matmul strategies, against the one burn picks.
+//! weight gradient) under each of CubeCL's matmul strategies and on cuBLAS (as
+//! `colt5::matmul` runs them), against the one burn picks.
 
 use anyhow::Result;
 
@@ -126,6 +127,7 @@ mod cuda {
     use burn::tensor::{Distribution, Tensor, TensorPrimitive};
     use burn_cubecl::kernel::matmul::init_matmul_output;
     use burn_cubecl::tensor::CubeTensor;
+    use colt5::matmul::MatmulBackend;
     use cubecl::cuda::CudaRuntime;
     use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
     use cubek::matmul::launch::{launch_ref, Strategy};
@@ -183,7 +185,7 @@ mod cuda {
 
     fn run_in<B>(args: &MatmulArgs) -> Result<()>
     where
-        B: Backend<Device = CudaDevice, FloatTensorPrimitive = CubeTensor<CudaRuntime>>,
+        B: MatmulBackend<Device = CudaDevice, FloatTensorPrimitive = CubeTensor<CudaRuntime>>,
     {
         let device = CudaDevice::default();
         println!(
@@ -217,6 +219,13 @@ mod cuda {
                 product.name,
                 flops / burn_ms / 1e9
             );
+            match cublas_row(&product, &lhs, &rhs, &expected, &device, args.reps)? {
+                Some((ms, error)) => println!(
+                    "| | | cuBLAS (`colt5::matmul`, unchunked) | {ms:.3} | {:.1} | {error:.1e} |",
+                    flops / ms / 1e9
+                ),
+                None => println!("| | | cuBLAS (`colt5::matmul`, unchunked) | – | – | not taken |"),
+            }
             let expected = values(expected);
             let scale = expected.iter().fold(1e-30f64, |a, v| a.max(v.abs()));
             for strategy in strategies() {
@@ -273,6 +282,61 @@ mod cuda {
             }
         }
         Ok(())
+    }
+
+    /// The product as `colt5::matmul` runs it on cuBLAS, one matrix product over every
+    /// token (a weight gradient summed over the chunks in the product itself): median ms
+    /// and error against burn's, or `None` where cuBLAS does not take it.
+    fn cublas_row<B>(
+        product: &Product,
+        lhs: &Tensor<B, 3>,
+        rhs: &Tensor<B, 3>,
+        expected: &Tensor<B, 3>,
+        device: &CudaDevice,
+        reps: usize,
+    ) -> Result<Option<(f64, f64)>>
+    where
+        B: MatmulBackend<Device = CudaDevice, FloatTensorPrimitive = CubeTensor<CudaRuntime>>,
+    {
+        let Product { batch, m, k, n, .. } = *product;
+        let (a, b, transpose, expected) = match (product.lhs_transposed, product.rhs_shared) {
+            (false, true) => {
+                let b = match product.rhs_transposed {
+                    true => rhs.clone().swap_dims(1, 2).reshape([n, k]),
+                    false => rhs.clone().reshape([k, n]),
+                };
+                let a = lhs.clone().reshape([batch * m, k]);
+                let expected = expected.clone().reshape([batch * m, n]);
+                (a, b, [false, product.rhs_transposed], expected)
+            }
+            (true, false) => {
+                let a = lhs.clone().swap_dims(1, 2).reshape([batch * k, m]);
+                let b = rhs.clone().reshape([batch * k, n]);
+                let expected = expected.clone().sum_dim(0).reshape([m, n]);
+                (a, b, [true, false], expected)
+            }
+            _ => return Ok(None),
+        };
+        let gemm = || {
+            B::gemm(
+                a.clone().into_primitive().tensor(),
+                b.clone().into_primitive().tensor(),
+                transpose,
+            )
+        };
+        let Some(out) = gemm() else {
+            return Ok(None);
+        };
+        let out: Tensor<B, 2> = Tensor::from_primitive(TensorPrimitive::Float(out));
+        let (out, expected) = (values(out.unsqueeze()), values(expected.unsqueeze()));
+        let scale = expected.iter().fold(1e-30f64, |a, v| a.max(v.abs()));
+        let error = out
+            .iter()
+            .zip(&expected)
+            .fold(0.0f64, |a, (x, y)| a.max((x - y).abs()))
+            / scale;
+        let ms = median_ms::<B>(device, reps, &|| drop(gemm()))?;
+        Ok(Some((ms, error)))
     }
 
     /// `work` with panics turned into errors and their messages kept off the terminal.

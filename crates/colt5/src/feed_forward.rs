@@ -61,12 +61,12 @@ impl FeedForwardConfig {
     }
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: crate::matmul::MatmulBackend> FeedForward<B> {
     /// Applies the block to every position.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         crate::linear::by_chunks(x, |x| {
-            let hidden = exact_gelu(self.proj_in.forward(self.norm.forward(x)));
-            self.proj_out.forward(hidden)
+            let hidden = exact_gelu(crate::linear::apply(&self.proj_in, self.norm.forward(x)));
+            crate::linear::apply(&self.proj_out, hidden)
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod import;
 mod linear;
 pub mod lm;
 pub mod local_attention;
+pub mod matmul;
 pub mod memory;
 pub mod norm;
 pub mod parity;

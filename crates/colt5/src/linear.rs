@@ -12,6 +12,8 @@
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::matmul::MatmulBackend;
+
 /// Tokens per chunk: long enough for efficient products, short enough that a weight
 /// gradient over a long sequence is split into many parallel pieces.
 const CHUNK: usize = 2048;
@@ -31,11 +33,24 @@ pub(crate) fn chunk_len(rows: usize) -> Option<usize> {
 
 /// `layer` applied to `x: [..., tokens, d_in]`, the tokens (all leading dimensions
 /// together) fed in chunks of [`chunk_len`].
-pub(crate) fn forward<B: Backend, const D: usize>(
+pub(crate) fn forward<B: MatmulBackend, const D: usize>(
     layer: &Linear<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    by_chunks(x, |x| layer.forward(x))
+    by_chunks(x, |x| apply(layer, x))
+}
+
+/// `layer` applied to `x: [..., d_in]` through [`crate::matmul::linear`] (cuBLAS for long
+/// sequences on CUDA, burn's `Linear` elsewhere).
+pub(crate) fn apply<B: MatmulBackend, const D: usize>(
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    crate::matmul::linear(
+        x,
+        layer.weight.val(),
+        layer.bias.as_ref().map(|bias| bias.val()),
+    )
 }
 
 /// `f`, a token-wise function of `[chunks, tokens, d_in]` to `[chunks, tokens, d_out]`,

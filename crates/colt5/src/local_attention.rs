@@ -153,7 +153,7 @@ impl<B: AttentionBackend> LocalMha<B> {
                 Some(norm) => norm.forward(x),
                 None => x,
             };
-            self.to_qkv.forward(x)
+            crate::linear::apply(&self.to_qkv, x)
         });
         let [q, k, v] = split_heads::<B, 3>(qkv, self.heads);
         let dim_head = q.dims()[3];

@@ -18,7 +18,7 @@ use super::{
 
 impl<R, F, I, BT> CoorDescentBackend for CubeBackend<R, F, I, BT>
 where
-    R: CubeRuntime,
+    R: CubeRuntime + crate::matmul::RuntimeGemm,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,

@@ -12,7 +12,7 @@ use super::{AttentionBackend, FusedAttention, Keys};
 
 impl<R, F, I, BT> AttentionBackend for CubeBackend<R, F, I, BT>
 where
-    R: CubeRuntime,
+    R: CubeRuntime + crate::matmul::RuntimeGemm,
     F: FloatElement,
     I: IntElement,
     BT: BoolElement,

@@ -436,7 +436,7 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
         }
         cache.len += n;
         Ok(crate::linear::by_chunks(x, |x| {
-            self.to_logits.forward(self.logits_norm.forward(x))
+            crate::linear::apply(&self.to_logits, self.logits_norm.forward(x))
         }))
     }
 }

@@ -243,7 +243,7 @@ impl<B: CoorDescentBackend> LanguageModel<B> for Colt5Transformer<B> {
             x = layer.forward(x, self.window)?;
         }
         Ok(crate::linear::by_chunks(x, |x| {
-            self.to_logits.forward(self.logits_norm.forward(x))
+            crate::linear::apply(&self.to_logits, self.logits_norm.forward(x))
         }))
     }
 
