@@ -4,7 +4,8 @@
 //! CubeCL's stream, which catches a missing synchronisation between the two.
 //!
 //! Needs an NVIDIA GPU and libcublas on `LD_LIBRARY_PATH`:
-//! `cargo test -p colt5 --features cuda --test matmul`.
+//! `cargo test -p colt5 --features cuda --test matmul`. The tests send every product to
+//! cuBLAS (`COLT5_MATMUL=cublas`; by default only the largest go there).
 #![cfg(feature = "cuda")]
 
 use burn::backend::{Autodiff, Cuda, NdArray};
@@ -15,6 +16,12 @@ mod common;
 use common::{data, normals, relative_error, tensor};
 
 type Cpu = NdArray<f64>;
+
+/// Every product cuBLAS takes goes to it, whatever its size (set before any product runs:
+/// the mode is read once per process).
+fn force_cublas() {
+    std::env::set_var("COLT5_MATMUL", "cublas");
+}
 
 /// `rows × cols` normals from `seed`, rounded to bf16 first where `bf16` (so that both
 /// sides multiply the same numbers).
@@ -34,7 +41,7 @@ fn values(seed: u64, rows: usize, cols: usize, bf16: bool) -> TensorData {
 }
 
 /// `op(a)·op(b)` through `MatmulBackend::gemm` on `B`, a CUDA backend, which must take the
-/// product (these shapes are above the size cuBLAS is used from).
+/// product.
 fn cuda_gemm<B: MatmulBackend>(a: &TensorData, b: &TensorData, transpose: [bool; 2]) -> Vec<f64> {
     let device = Default::default();
     let a = Tensor::<B, 2>::from_data(a.clone(), &device);
@@ -60,7 +67,7 @@ fn cpu_gemm(a: &TensorData, b: &TensorData, [ta, tb]: [bool; 2]) -> Vec<f64> {
 
 #[test]
 fn cublas_products_match_the_cpu_for_every_transpose() {
-    // 2 048 × 512 · 512 × 1 024: 2³⁰ multiply-adds, the smallest product cuBLAS takes.
+    force_cublas();
     let (m, k, n) = (2048, 512, 1024);
     for transpose in [[false, false], [false, true], [true, false], [true, true]] {
         for bf16 in [false, true] {
@@ -100,6 +107,7 @@ fn linear_layer_on_cublas_has_the_cpus_output_and_gradients() {
             data(bias.grad(&grads).unwrap()),
         ]
     }
+    force_cublas();
     let gpu = run::<Autodiff<Cuda>>();
     let cpu = run::<Autodiff<Cpu>>();
     for (name, (got, expected)) in ["output", "dx", "dw", "dbias"]
@@ -114,6 +122,7 @@ fn linear_layer_on_cublas_has_the_cpus_output_and_gradients() {
 
 #[test]
 fn products_see_their_operands_producers_and_their_consumers_see_the_product() {
+    force_cublas();
     let device = Default::default();
     for seed in 0..4 {
         // Operands written by several CubeCL kernels just before the product (the first
