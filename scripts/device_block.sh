@@ -3,8 +3,8 @@
 # binaries built with `--features cuda` (named in $BINARIES, default `colt5`; each may be
 # xz-compressed, `.device/NAME.xz`) and copies of ../shared/bench and ../shared/reference
 # under `.device/shared/`; with the GPU test binaries `.device/kernels`, `.device/gpu` and
-# `.device/fused_attention` (`cargo test --release -p colt5 --features cuda --test kernels
-# --test gpu --test fused_attention --no-run`) it runs the top-k kernel test, the models'
+# `.device/fused_attention`, `.device/matmul` (`cargo test --release -p colt5 --features cuda
+# --test kernels --test gpu --test fused_attention --test matmul --no-run`) it runs the top-k kernel test, the models'
 # and the fused attention's GPU-vs-CPU tests first. Writes to $OUT (or ./bench-out), for
 # each binary, `colt5 bench block --profile` in each of $PRECISIONS (default f32 bf16) and
 # the CoLT5 LM's training steps at 4 096 to 65 536 tokens, and once the reference's
@@ -15,6 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader | t
 [ -x .device/kernels ] && timeout 120 .device/kernels --test-threads 1 top_k 2>&1 | tail -4 | tee "$out/kernel_tests.txt"
 [ -x .device/gpu ] && timeout 120 .device/gpu --nocapture 2>&1 | tail -6 | tee "$out/gpu_tests.txt"
 [ -x .device/fused_attention ] && timeout 120 .device/fused_attention --nocapture 2>&1 | tail -50 | tee "$out/fused_attention_tests.txt"
+[ -x .device/matmul ] && timeout 120 .device/matmul --nocapture --test-threads 1 2>&1 | tail -20 | tee "$out/matmul_tests.txt"
 for bin in ${BINARIES:-colt5}; do
     for precision in ${PRECISIONS:-f32 bf16}; do
         echo "## $bin, $precision"
