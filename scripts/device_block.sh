@@ -2,10 +2,10 @@
 # Run on a CUDA machine from the repository root, with `.device/` holding release `colt5`
 # binaries built with `--features cuda` (named in $BINARIES, default `colt5`; each may be
 # xz-compressed, `.device/NAME.xz`) and copies of ../shared/bench and ../shared/reference
-# under `.device/shared/`; with the GPU test binaries `.device/kernels`, `.device/gpu` and
-# `.device/fused_attention`, `.device/matmul` (`cargo test --release -p colt5 --features cuda
-# --test kernels --test gpu --test fused_attention --test matmul --no-run`) it runs the top-k kernel test, the models'
-# and the fused attention's GPU-vs-CPU tests first. Writes to $OUT (or ./bench-out), for
+# under `.device/shared/`; with the GPU test binaries `.device/kernels`, `.device/gpu`,
+# `.device/fused_attention` and `.device/matmul` (`cargo test --release -p colt5 --features
+# cuda --test kernels --test gpu --test fused_attention --test matmul --no-run`) it runs the
+# top-k kernel test, the models', the fused attention's and cuBLAS's GPU-vs-CPU tests first. Writes to $OUT (or ./bench-out), for
 # each binary, `colt5 bench block --profile` in each of $PRECISIONS (default f32 bf16) and
 # the CoLT5 LM's training steps at 4 096 to 65 536 tokens, and once the reference's
 # bench_block.py (fp32, bf16 autocast and bf16 weights; between the two), in one call.
