@@ -28,6 +28,7 @@ pub mod parity;
 pub mod rotary;
 pub mod routed;
 pub mod router;
+mod rows;
 pub mod topk;
 pub mod train;
 pub mod vit;

@@ -315,7 +315,7 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
             coor_descent(scores, k, row_mask.clone(), &self.coor_descent)?
         };
         let local = top_k_indices(soft.clone(), per_block)?;
-        let mut selected = soft.gather(1, local.clone());
+        let mut selected = crate::rows::gather_rows(soft, local.clone());
         if self.straight_through {
             selected = selected.clone() + selected.neg().add_scalar(1.0).detach();
         }
@@ -334,12 +334,7 @@ impl<B: CoorDescentBackend> CoordinateDescentRouter<B> {
         let scores = selected.reshape([sequences, routes, count]);
         let routed_mask = selected_mask.map(|m| m.reshape([sequences, routes, count]));
         let gathered = groups * routes * count;
-        let gather_index = indices
-            .clone()
-            .reshape([batch, gathered, 1])
-            .expand([batch, gathered, dim]);
-        let routed_tokens = x
-            .gather(1, gather_index)
+        let routed_tokens = crate::rows::gather_rows(x, indices.clone().reshape([batch, gathered]))
             .reshape([sequences, routes, count, dim]);
         Ok(RouterOutput {
             indices: Some(indices),

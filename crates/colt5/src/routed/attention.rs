@@ -4,12 +4,12 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Bool, Distribution, Int, Tensor};
 
-use super::route_back;
 use crate::attention::{Attention, AttentionConfig, AttentionInputs};
 use crate::coor_descent::CoorDescentBackend;
 use crate::local_attention::{LocalMha, LocalMhaConfig};
 use crate::rotary::{RotaryEmbedding, Rotation};
 use crate::router::{CoordinateDescentRouter, CoordinateDescentRouterConfig, RouteOptions};
+use crate::rows::write_rows;
 
 /// Configuration of [`ConditionalRoutedAttention`]; defaults are the reference's.
 #[derive(Config, Debug)]
@@ -337,7 +337,7 @@ impl<B: CoorDescentBackend> HeavyBranch<'_, B> {
                     Some(token) => token.val().reshape([1, 1, dim]).expand([batch, len_q, dim]),
                     None => Tensor::zeros([batch, len_q, dim], &device),
                 };
-                route_back(base, heavy, indices.reshape([batch, q_count]))
+                write_rows(base, heavy, indices.reshape([batch, q_count]))
             }
             None => heavy,
         })

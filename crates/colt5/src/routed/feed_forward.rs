@@ -4,10 +4,10 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
-use super::route_back;
 use crate::coor_descent::CoorDescentBackend;
 use crate::feed_forward::{FeedForward, FeedForwardConfig};
 use crate::router::{CoordinateDescentRouter, CoordinateDescentRouterConfig, RouteOptions};
+use crate::rows::write_rows;
 
 /// Configuration of [`ConditionalRoutedFeedForward`]; defaults are the reference's.
 #[derive(Config, Debug)]
@@ -106,7 +106,7 @@ impl<B: CoorDescentBackend> ConditionalRoutedFeedForward<B> {
         let scores = routed.scores.reshape([batch, routed_count, 1]);
         let heavy = self.heavy_ff.forward(tokens) * scores;
         let heavy = match routed.indices {
-            Some(indices) => route_back(
+            Some(indices) => write_rows(
                 Tensor::zeros([batch, n, dim], &heavy.device()),
                 heavy,
                 indices.reshape([batch, routed_count]),

@@ -16,24 +16,3 @@ pub use block::{ConditionalRoutedTransformerBlock, ConditionalRoutedTransformerB
 pub use cross_attention::{ConditionalRoutedCrossAttention, ConditionalRoutedCrossAttentionConfig};
 pub use feed_forward::{ConditionalRoutedFeedForward, ConditionalRoutedFeedForwardConfig};
 pub use image_attention::{ConditionalRoutedImageAttention, ConditionalRoutedImageAttentionConfig};
-
-use burn::tensor::{backend::Backend, IndexingUpdateOp, Int, Tensor};
-
-/// Writes `routed: [batch, k, dim]` into `base: [batch, n, dim]` at `indices: [batch, k]`
-/// (unique per row), replacing what was there.
-pub(crate) fn route_back<B: Backend>(
-    base: Tensor<B, 3>,
-    routed: Tensor<B, 3>,
-    indices: Tensor<B, 2, Int>,
-) -> Tensor<B, 3> {
-    let [batch, count, dim] = routed.dims();
-    let indices = indices.unsqueeze_dim::<3>(2).expand([batch, count, dim]);
-    // Zero the selected rows, then add: an assignment that autodiff differentiates.
-    let cleared = base.clone().scatter(
-        1,
-        indices.clone(),
-        base.gather(1, indices.clone()).neg(),
-        IndexingUpdateOp::Add,
-    );
-    cleared.scatter(1, indices, routed, IndexingUpdateOp::Add)
-}
