@@ -171,9 +171,19 @@ pub fn profiler_range<B: burn::tensor::backend::Backend>(
 /// Starts (`true`) or stops CUDA's profiler; does nothing without CUDA.
 #[cfg(feature = "cuda")]
 fn profiler(start: bool) -> Result<()> {
+    use cudarc::driver::result as driver;
     use cudarc::driver::sys::{cuProfilerStart, cuProfilerStop, CUresult};
-    // SAFETY: both calls take no arguments and only toggle the profiler of the current
-    // context, which CubeCL made current on this thread by running `work`'s kernels.
+    // The profiler toggles the current context's recording, and CubeCL does not leave its
+    // context current on this thread: make the benches' device's (0) primary context current.
+    let context_error = |e: cudarc::driver::DriverError| anyhow::anyhow!("CUDA context: {e}");
+    driver::init().map_err(context_error)?;
+    let device = driver::device::get(0).map_err(context_error)?;
+    // SAFETY: `device` is valid; the primary context is the one CubeCL runs on.
+    unsafe {
+        driver::ctx::set_current(driver::primary_ctx::retain(device).map_err(context_error)?)
+    }
+    .map_err(context_error)?;
+    // SAFETY: both calls take no arguments and only toggle the current context's profiler.
     let result = unsafe {
         match start {
             true => cuProfilerStart(),
