@@ -175,7 +175,7 @@ impl CdTransformerConfig {
     /// keeps each head's `[n, n]` logits, weights and their gradients; coordinate-descent
     /// attention also its solver's iterates.
     pub fn memory_estimate(&self) -> crate::memory::MemoryEstimate {
-        let (dim, inner) = (self.dim as f64, (self.heads * self.dim_head) as f64);
+        let (dim, inner) = (self.dim as f64, self.heads as f64 * self.dim_head as f64);
         let hidden = dim * self.ff_mult;
         let layer = 4.0 * dim * inner
             + 2.0 * dim * hidden

@@ -114,7 +114,9 @@ impl Colt5TransformerConfig {
     /// linear in the sequence: local attention over three windows, heavy attention over a
     /// fixed number of routed keys per window.
     pub fn memory_estimate(&self) -> crate::memory::MemoryEstimate {
-        let (dim, inner) = (self.dim as f64, (self.heads * self.dim_head) as f64);
+        // In f64 throughout: the sizes come from user configs and their products may not fit a
+        // usize.
+        let (dim, inner) = (self.dim as f64, self.heads as f64 * self.dim_head as f64);
         let ff = (self.light_ff_mult + self.heavy_ff_mult) * dim;
         let layer = 8.0 * dim * inner + 2.0 * dim * ff + 16.0 * dim;
         let keys = 3.0 * self.window_size as f64 + self.num_heavy_tokens_kv as f64;
