@@ -10,6 +10,23 @@
 
 #![warn(missing_docs)]
 
+/// `impl $trait for NdArray<E, I, Q> { $body }` under the bounds burn's own `Backend` impl
+/// for `NdArray` carries, for the backend extensions.
+macro_rules! impl_for_ndarray {
+    ($trait:path { $($body:tt)* }) => {
+        impl<E, I, Q> $trait for burn::backend::NdArray<E, I, Q>
+        where
+            E: burn::backend::ndarray::FloatNdArrayElement,
+            I: burn::backend::ndarray::IntNdArrayElement,
+            Q: burn::backend::ndarray::QuantElement,
+            burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
+            burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
+        {
+            $($body)*
+        }
+    };
+}
+
 pub mod attend;
 pub mod attention;
 pub mod coor_descent;

@@ -446,16 +446,7 @@ macro_rules! host_coor_descent {
     };
 }
 
-impl<E, I, Q> CoorDescentBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-    host_coor_descent!();
-}
+impl_for_ndarray!(CoorDescentBackend { host_coor_descent!(); });
 
 impl CoorDescentBackend for burn::backend::Flex {
     host_coor_descent!();

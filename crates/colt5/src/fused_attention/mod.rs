@@ -91,15 +91,7 @@ pub trait AttentionBackend: crate::matmul::MatmulBackend {
     }
 }
 
-impl<E, I, Q> AttentionBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+impl_for_ndarray!(AttentionBackend {});
 
 impl AttentionBackend for burn::backend::Flex {}
 

@@ -53,7 +53,7 @@ impl<B: MatmulBackend> Backward<B, 2> for GemmBackward {
         let [node_a, node_b] = ops.parents;
         if let Some(node) = node_a {
             let da = if ta {
-                product::<B>(b.clone(), grad.clone(), [tb, true])
+                product::<B>(b, grad.clone(), [tb, true])
             } else {
                 product::<B>(grad.clone(), b, [false, !tb])
             };

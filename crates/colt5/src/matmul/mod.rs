@@ -32,15 +32,7 @@ pub trait MatmulBackend: Backend {
     }
 }
 
-impl<E, I, Q> MatmulBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>,
-    burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<I>>,
-{
-}
+impl_for_ndarray!(MatmulBackend {});
 
 impl MatmulBackend for burn::backend::Flex {}
 
