@@ -3,8 +3,8 @@
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use colt5::lm::{
-    check_token_ids, generate, next_token_loss, CdTransformer, CdTransformerConfig,
-    Colt5TransformerConfig, LanguageModel, SamplerConfig,
+    check_token_ids, generate, generate_batch, next_token_loss, CdTransformer, CdTransformerConfig,
+    Colt5TransformerConfig, Decoder, LanguageModel, SamplerConfig,
 };
 use colt5::Error;
 
@@ -59,7 +59,7 @@ fn cached_and_uncached_generation_give_the_same_tokens() {
                 model.decoder()
             } else {
                 // The trait's default decoder recomputes every step.
-                Box::new(Recompute(&model)) as Box<dyn colt5::lm::Decoder>
+                Box::new(Recompute(&model)) as Box<dyn Decoder>
             };
             // 30 tokens: past seq_len = 24 the cached decoder falls back to recomputing.
             generate(decoder.as_mut(), &prompt, 30, &mut sampler, |_| {}).unwrap()
@@ -71,12 +71,130 @@ fn cached_and_uncached_generation_give_the_same_tokens() {
 /// Full recomputation of the last `seq_len` tokens at every step.
 struct Recompute<'a>(&'a CdTransformer<B>);
 
-impl colt5::lm::Decoder for Recompute<'_> {
-    fn next_logits(&mut self, ids: &[i64]) -> colt5::Result<Vec<f64>> {
-        let window = &ids[ids.len().saturating_sub(self.0.seq_len())..];
-        let logits = values(self.0.forward(tokens(window))?);
-        Ok(logits[logits.len() - 64..].to_vec())
+impl Decoder for Recompute<'_> {
+    fn next_logits(&mut self, rows: &[Vec<i64>]) -> colt5::Result<Vec<Vec<f64>>> {
+        rows.iter()
+            .map(|ids| {
+                let window = &ids[ids.len().saturating_sub(self.0.seq_len())..];
+                let logits = values(self.0.forward(tokens(window))?);
+                Ok(logits[logits.len() - 64..].to_vec())
+            })
+            .collect()
     }
+}
+
+/// Prompts of different lengths, one of them past half of seq_len = 24.
+fn prompts() -> Vec<Vec<i64>> {
+    vec![
+        vec![5],
+        (0..14).map(|i| (i * 11 % 64) as i64).collect(),
+        vec![9, 1, 40, 2],
+    ]
+}
+
+#[test]
+fn a_batch_of_prompts_of_different_lengths_generates_what_each_prompt_generates_alone() {
+    let cd = model(2, true);
+    let colt5 = Colt5TransformerConfig::new(64, 16, 32, 1)
+        .with_window_size(8)
+        .with_heads(2)
+        .with_dim_head(8)
+        .with_num_heavy_tokens_kv(4)
+        .with_num_heavy_ff_tokens(4)
+        .init::<B>(&Default::default())
+        .unwrap();
+    assert_batch_matches_rows_alone("cd-attention", &cd);
+    assert_batch_matches_rows_alone("colt5", &colt5);
+}
+
+/// Generating for [`prompts`] in one batch gives each row the tokens it gets alone.
+fn assert_batch_matches_rows_alone<M: LanguageModel<B>>(name: &str, model: &M) {
+    // 16 new tokens: the 14-token prompt passes the CD model's seq_len = 24, where its
+    // decoder recomputes the last 24 tokens of every row.
+    let samplers: Vec<_> = (0..3)
+        .map(|r| SamplerConfig::new().with_seed(r).init().unwrap())
+        .collect();
+    let mut streamed = vec![Vec::new(); 3];
+    let batched = generate_batch(
+        model.decoder().as_mut(),
+        &prompts(),
+        16,
+        &mut samplers.clone(),
+        |r, token| streamed[r].push(token),
+    )
+    .unwrap();
+    assert_eq!(batched, streamed, "{name}");
+    for (r, prompt) in prompts().iter().enumerate() {
+        let mut sampler = samplers[r].clone();
+        let alone = generate(model.decoder().as_mut(), prompt, 16, &mut sampler, |_| {}).unwrap();
+        assert_eq!(batched[r], alone, "{name}, prompt {r}");
+    }
+}
+
+#[test]
+fn padded_rows_give_the_logits_of_their_unpadded_sequences() {
+    for (null_kv, learned_k) in [(0, false), (2, true)] {
+        let model = model(null_kv, learned_k);
+        let mut batched = model.decoder();
+        let mut alone = Recompute(&model);
+        let mut rows = prompts();
+        // The prompts' forward, then cached steps; every row's logits match the row's own
+        // uncached forward.
+        for step in 0..5 {
+            let got = batched.next_logits(&rows).unwrap();
+            let want = alone.next_logits(&rows).unwrap();
+            for (r, (got, want)) in got.iter().zip(&want).enumerate() {
+                let error = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(error < 1e-9, "row {r}, step {step}: {error:e}");
+            }
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.push((step * 7 + r) as i64 % 64);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_generation_rejects_empty_prompts_and_mismatched_samplers() {
+    let model = model(0, false);
+    let mut samplers = vec![SamplerConfig::new().init().unwrap()];
+    assert!(matches!(
+        generate_batch(&mut *model.decoder(), &[], 2, &mut [], |_, _| {}),
+        Err(Error::Shape {
+            name: "prompts",
+            ..
+        })
+    ));
+    assert!(matches!(
+        generate_batch(
+            &mut *model.decoder(),
+            &[vec![1], vec![]],
+            2,
+            &mut samplers,
+            |_, _| {}
+        ),
+        Err(Error::Shape {
+            name: "prompts",
+            ..
+        })
+    ));
+    assert!(matches!(
+        generate_batch(
+            &mut *model.decoder(),
+            &[vec![1], vec![2]],
+            2,
+            &mut samplers,
+            |_, _| {}
+        ),
+        Err(Error::InvalidConfig {
+            name: "samplers",
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -2,14 +2,12 @@
 //! attention whose weights over the keys, and a feed-forward whose hidden activations, are
 //! soft top-k masks computed by coordinate descent.
 
-use std::marker::PhantomData;
-
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Bool, Distribution, Int, Tensor};
 
-use super::{debug_check_tokens, last_logits, token_tensor, Decoder, LanguageModel, Recompute};
+use super::{debug_check_tokens, last_logits, left_pad, token_tensor, Decoder, LanguageModel};
 use crate::attention::{merge_heads, split_heads};
 use crate::coor_descent::{coor_descent, CoorDescentBackend, CoorDescentConfig, RowK};
 use crate::error::Error;
@@ -17,7 +15,7 @@ use crate::feed_forward::exact_gelu;
 
 /// The coordinate descent settings of one layer: the reference's schedule (eps_init 4,
 /// decay 0.7) with the model's iterations and final temperature. The scores and each row's
-/// k are the model's own (products of finite activations, k clamped to the visible keys):
+/// k are the model's own (products of finite activations, k ≥ 1 or the configured k):
 /// checking them would read them back from the device in every layer of every forward.
 fn schedule(n_iters: usize, eps: f64) -> CoorDescentConfig {
     CoorDescentConfig::iterations(n_iters, eps, Some(4.0), 0.7).with_validate(false)
@@ -292,15 +290,18 @@ impl CdTransformerConfig {
     }
 }
 
-/// Keys and values of the tokens seen so far, per layer, for incremental decoding.
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding; rows
+/// of a batch may start with padding (prompts of different lengths, padded on the left).
 #[derive(Debug, Clone)]
 pub struct CdCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     len: usize,
+    /// Per batch row, the padding tokens it starts with; empty: none.
+    padding: Vec<usize>,
 }
 
 impl<B: Backend> CdCache<B> {
-    /// Tokens cached so far.
+    /// Positions cached so far (padding included).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -311,16 +312,65 @@ impl<B: Backend> CdCache<B> {
     }
 }
 
+/// Which keys the queries of one forward see (`true` = visible), built on the host once
+/// per forward and shared by every layer: each query sees the null keys, the keys up to
+/// its own position and none of its row's padding; a padding query sees the null keys and
+/// itself, so that its (unused) output stays finite.
+#[derive(Debug, Clone)]
+pub struct KeyMask<B: Backend> {
+    /// `[batch or 1, 1, queries, null + keys]`.
+    visible: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> KeyMask<B> {
+    /// The mask of `queries` new queries after `cached` positions, with `null` null keys
+    /// and each batch row's leading `padding` (empty: none).
+    pub fn new(
+        queries: usize,
+        cached: usize,
+        null: usize,
+        padding: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        let keys = null + cached + queries;
+        let rows = padding.len().max(1);
+        let mut visible = Vec::with_capacity(rows * queries * keys);
+        for row in 0..rows {
+            let pad = padding.get(row).copied().unwrap_or(0);
+            for i in cached..cached + queries {
+                visible.extend((0..keys).map(|key| {
+                    key < null || {
+                        let position = key - null;
+                        position == i || (position <= i && position >= pad)
+                    }
+                }));
+            }
+        }
+        KeyMask {
+            visible: Tensor::from_data(
+                burn::tensor::TensorData::new(visible, [rows, 1, queries, keys]),
+                device,
+            ),
+        }
+    }
+}
+
 impl<B: CoorDescentBackend> CdAttention<B> {
-    /// Attends each of the `n` tokens of `x: [batch, n, dim]` to itself, the tokens before it,
-    /// and the cached tokens (which come before all of them).
+    /// The null keys/values per head.
+    pub fn null_kv_count(&self) -> usize {
+        self.null_kv.as_ref().map_or(0, |null_kv| null_kv.dims()[2])
+    }
+
+    /// Attends each of the `n` tokens of `x: [batch, n, dim]` to the keys `mask` shows it
+    /// among the null keys, the cached tokens (which come before all of them) and the `n`
+    /// tokens; the cache, if given, grows by them.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        mask: &KeyMask<B>,
     ) -> crate::Result<Tensor<B, 3>> {
         let [batch, queries, _] = x.dims();
-        let device = x.device();
         let x = self.norm.forward(x);
         let [q, mut k, mut v] =
             split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x.clone()), self.heads);
@@ -344,31 +394,31 @@ impl<B: CoorDescentBackend> CdAttention<B> {
             v = Tensor::cat(vec![null(1), v], 2);
         }
         let [_, heads, keys, dim_head] = k.dims();
+        let mask_dims = mask.visible.dims();
+        if mask_dims[2] != queries || mask_dims[3] != keys || ![1, batch].contains(&mask_dims[0]) {
+            return Err(Error::Shape {
+                name: "mask",
+                actual: mask_dims.to_vec(),
+                expected: format!("[1 or {batch}, 1, {queries}, {keys}] (queries, keys)"),
+            });
+        }
         let sim = q
             .mul_scalar((dim_head as f64).powf(-0.5))
             .matmul(k.swap_dims(2, 3));
-        // Query i (of the last `queries` positions) sees keys j ≤ i + keys − queries.
-        let rows = Tensor::<B, 1, Int>::arange(0..queries as i64, &device)
-            .add_scalar((keys - queries) as i64)
-            .reshape([queries, 1])
-            .expand([queries, keys]);
-        let cols = Tensor::<B, 1, Int>::arange(0..keys as i64, &device)
-            .reshape([1, keys])
-            .expand([queries, keys]);
-        let visible: Tensor<B, 4, Bool> = cols.lower_equal(rows).reshape([1, 1, queries, keys]);
+        let visible = mask.visible.clone();
         let attn = match self.sparsity_k {
             Some(sparsity_k) => {
-                // A row has `keys` entries: k above that would saturate every key anyway.
+                // k may exceed a query's visible keys (early positions): they all saturate
+                // (the solver's k ≥ n case), as in the reference, which does not bound k.
                 let k = match &self.to_learned_k {
                     Some(to_k) => RowK::PerRow(
                         sigmoid(to_k.forward(x))
                             .mul_scalar(sparsity_k - 1.0)
                             .add_scalar(1.0)
                             .swap_dims(1, 2)
-                            .reshape([batch * heads * queries])
-                            .clamp_max(keys as f64),
+                            .reshape([batch * heads * queries]),
                     ),
-                    None => RowK::Scalar(sparsity_k.min(keys as f64)),
+                    None => RowK::Scalar(sparsity_k),
                 };
                 coor_descent(sim, k, Some(visible), &self.coor_descent)?
             }
@@ -402,36 +452,75 @@ impl<B: CoorDescentBackend> CdFeedForward<B> {
 impl<B: CoorDescentBackend> CdTransformer<B> {
     /// An empty cache for [`CdTransformer::forward_cached`].
     pub fn empty_cache(&self) -> CdCache<B> {
+        self.padded_cache(Vec::new())
+    }
+
+    /// An empty cache for a batch whose row r starts with `padding[r]` padding tokens
+    /// (prompts of different lengths padded on the left to one length): no query sees a
+    /// row's padding and the row's positions start after it, so each row computes what it
+    /// would alone.
+    pub fn padded_cache(&self, padding: Vec<usize>) -> CdCache<B> {
         CdCache {
             layers: vec![None; self.layers.len()],
             len: 0,
+            padding,
         }
     }
 
     /// Logits of `tokens: [batch, n]` that follow the cached tokens; the cache grows by n.
     /// Cached and uncached decoding compute the same function; the cache may hold at most
-    /// `seq_len` tokens (positions are absolute).
+    /// `seq_len` positions of its longest row (positions are absolute).
     pub fn forward_cached(
         &self,
         tokens: Tensor<B, 2, Int>,
         cache: &mut CdCache<B>,
     ) -> crate::Result<Tensor<B, 3>> {
         let [batch, n] = tokens.dims();
-        if cache.len + n > self.seq_len {
+        let shortest_padding = cache.padding.iter().copied().min().unwrap_or(0);
+        if cache.len + n - shortest_padding > self.seq_len {
             return Err(Error::Shape {
                 name: "tokens",
-                actual: vec![batch, cache.len + n],
+                actual: vec![batch, cache.len + n - shortest_padding],
                 expected: format!("at most seq_len = {} positions", self.seq_len),
+            });
+        }
+        if !cache.padding.is_empty() && cache.padding.len() != batch {
+            return Err(Error::Shape {
+                name: "tokens",
+                actual: vec![batch, n],
+                expected: format!("the cache's {} rows", cache.padding.len()),
             });
         }
         debug_check_tokens(&tokens, self.num_tokens)?;
         let device = tokens.device();
-        let positions =
-            Tensor::<B, 1, Int>::arange(cache.len as i64..(cache.len + n) as i64, &device)
-                .reshape([1, n]);
+        let positions = match cache.padding.is_empty() {
+            true => Tensor::<B, 1, Int>::arange(cache.len as i64..(cache.len + n) as i64, &device)
+                .reshape([1, n]),
+            false => {
+                let positions: Vec<i64> = cache
+                    .padding
+                    .iter()
+                    .flat_map(|&pad| {
+                        (cache.len..cache.len + n).map(move |i| i.saturating_sub(pad) as i64)
+                    })
+                    .collect();
+                Tensor::from_data(
+                    burn::tensor::TensorData::new(positions, [batch, n]),
+                    &device,
+                )
+            }
+        };
+        let null = self
+            .layers
+            .first()
+            .map_or(0, |layer| layer.attention.null_kv_count());
+        let mask = KeyMask::new(n, cache.len, null, &cache.padding, &device);
         let mut x = self.token_emb.forward(tokens) + self.pos_emb.forward(positions);
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.attention.forward(x.clone(), Some(layer_cache))? + x;
+            x = layer
+                .attention
+                .forward(x.clone(), Some(layer_cache), &mask)?
+                + x;
             x = layer.feed_forward.forward(x.clone())? + x;
         }
         cache.len += n;
@@ -472,30 +561,66 @@ impl<B: CoorDescentBackend> LanguageModel<B> for CdTransformer<B> {
         Box::new(CachedDecoder {
             model: self,
             cache: self.empty_cache(),
+            lengths: Vec::new(),
         })
     }
 }
 
-/// Incremental decoding of a [`CdTransformer`].
+/// Incremental decoding of a [`CdTransformer`], a batch of rows at a time.
 struct CachedDecoder<'a, B: Backend> {
     model: &'a CdTransformer<B>,
     cache: CdCache<B>,
+    /// Each row's length when the cache was last extended.
+    lengths: Vec<usize>,
 }
 
 impl<B: CoorDescentBackend> Decoder for CachedDecoder<'_, B> {
-    fn next_logits(&mut self, tokens: &[i64]) -> crate::Result<Vec<f64>> {
-        if tokens.len() > self.model.seq_len || tokens.len() <= self.cache.len {
-            return Recompute {
-                model: self.model,
-                backend: PhantomData,
+    fn next_logits(&mut self, rows: &[Vec<i64>]) -> crate::Result<Vec<Vec<f64>>> {
+        let (model, num_tokens) = (self.model, self.model.num_tokens);
+        let device = model.device();
+        // Past seq_len (positions being absolute) each row's last seq_len tokens are
+        // recomputed, as the reference does.
+        let windows: Vec<&[i64]> = rows
+            .iter()
+            .map(|row| &row[row.len().saturating_sub(model.seq_len)..])
+            .collect();
+        let clipped = windows
+            .iter()
+            .zip(rows)
+            .any(|(window, row)| window.len() < row.len());
+        let grew_by_one = !clipped
+            && !self.cache.is_empty()
+            && rows.len() == self.lengths.len()
+            && rows
+                .iter()
+                .zip(&self.lengths)
+                .all(|(row, &len)| row.len() == len + 1);
+        let logits = if grew_by_one {
+            let last: Vec<&[i64]> = rows.iter().map(|row| &row[row.len() - 1..]).collect();
+            let tokens = token_tensor::<B>(&last, num_tokens, &device)?;
+            model.forward_cached(tokens, &mut self.cache)?
+        } else {
+            if windows.is_empty() || windows.iter().any(|window| window.is_empty()) {
+                return Err(Error::Shape {
+                    name: "prompt",
+                    actual: rows.iter().map(Vec::len).collect(),
+                    expected: "at least one row, each of at least one token".into(),
+                });
             }
-            .next_logits(tokens);
-        }
-        let new = token_tensor::<B>(
-            &tokens[self.cache.len..],
-            self.model.num_tokens,
-            &self.model.device(),
-        )?;
-        last_logits(self.model.forward_cached(new, &mut self.cache)?)
+            let (ids, padding) = left_pad(&windows);
+            super::check_token_ids(&ids, num_tokens)?;
+            let shape = [windows.len(), ids.len() / windows.len()];
+            let tokens = Tensor::from_data(burn::tensor::TensorData::new(ids, shape), &device);
+            self.cache = match padding.iter().all(|&pad| pad == 0) {
+                true => model.empty_cache(),
+                false => model.padded_cache(padding),
+            };
+            model.forward_cached(tokens, &mut self.cache)?
+        };
+        self.lengths = match clipped {
+            true => Vec::new(),
+            false => rows.iter().map(Vec::len).collect(),
+        };
+        last_logits(logits)
     }
 }

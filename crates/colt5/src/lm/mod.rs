@@ -6,12 +6,12 @@ mod colt5_transformer;
 mod sampling;
 
 pub use cd_transformer::{
-    CdAttention, CdBlock, CdCache, CdFeedForward, CdTransformer, CdTransformerConfig,
+    CdAttention, CdBlock, CdCache, CdFeedForward, CdTransformer, CdTransformerConfig, KeyMask,
 };
 pub use colt5_transformer::{Colt5Block, Colt5Transformer, Colt5TransformerConfig};
-pub use sampling::{generate, Decoder, Sampler, SamplerConfig};
+pub use sampling::{generate, generate_batch, Decoder, Sampler, SamplerConfig};
 
-pub(crate) use sampling::{last_logits, token_tensor, Recompute};
+pub(crate) use sampling::{last_logits, left_pad, token_tensor, Recompute};
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::{backend::Backend, Int, Tensor};
