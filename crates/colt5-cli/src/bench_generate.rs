@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use colt5::coor_descent::CoorDescentBackend;
-use colt5::lm::{LanguageModel, SamplerConfig};
+use colt5::lm::{generate_batch, LanguageModel, SamplerConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -24,6 +24,9 @@ pub struct GenerateArgs {
     /// Prompt lengths (random tokens), one row each.
     #[arg(long, num_args = 1.., default_values_t = [1, 256])]
     prompt_len: Vec<usize>,
+    /// Batch sizes (rows decoded together), one row of the table each.
+    #[arg(long, num_args = 1.., default_values_t = [1, 8])]
+    batch: Vec<usize>,
     /// Tokens generated per row.
     #[arg(long, default_value_t = 512)]
     length: usize,
@@ -38,6 +41,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     anyhow::ensure!(
         args.prompt_len.iter().all(|&p| p > 0),
         "--prompt-len must be at least 1"
+    );
+    anyhow::ensure!(
+        args.batch.iter().all(|&b| b > 0),
+        "--batch must be at least 1"
     );
     run_on(args.backend, GenerateJob(args))
 }
@@ -54,17 +61,21 @@ impl Job for GenerateJob<'_> {
     {
         let args = self.0;
         println!(
-            "| config | seq_len | prompt | new tokens | first token ms | per-token ms (median) | per-token ms (p99) | tokens/s | {:?}, batch 1 |",
+            "| config | seq_len | batch | prompt | new tokens per row | first token ms | per-step ms (median) | per-step ms (p99) | tokens/s (all rows) | {:?} |",
             args.backend
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for &bench in &args.configs {
             let config = bench.config();
             B::seed(device, 0);
             let model: Lm<B> = config.init(device).context("benchmark model")?;
             let model = model.valid();
-            for &prompt_len in &args.prompt_len {
-                let timing = time_generation(&model, prompt_len, args.length)?;
+            for (&batch, &prompt_len) in args
+                .batch
+                .iter()
+                .flat_map(|b| args.prompt_len.iter().map(move |p| (b, p)))
+            {
+                let timing = time_generation(&model, batch, prompt_len, args.length)?;
                 let mut sorted = timing.per_token_ms.clone();
                 sorted.sort_by(f64::total_cmp);
                 let quantile = |q: f64| {
@@ -74,7 +85,7 @@ impl Job for GenerateJob<'_> {
                         .unwrap_or(f64::NAN)
                 };
                 println!(
-                    "| {} | {} | {prompt_len} | {} | {:.2} | {:.3} | {:.3} | {:.1} | |",
+                    "| {} | {} | {batch} | {prompt_len} | {} | {:.2} | {:.3} | {:.3} | {:.1} | |",
                     clap::ValueEnum::to_possible_value(&bench)
                         .map(|v| v.get_name().to_string())
                         .unwrap_or_default(),
@@ -83,7 +94,7 @@ impl Job for GenerateJob<'_> {
                     timing.first_ms,
                     quantile(0.5),
                     quantile(0.99),
-                    args.length as f64 / timing.total_s,
+                    (batch * args.length) as f64 / timing.total_s,
                 );
             }
         }
@@ -91,38 +102,61 @@ impl Job for GenerateJob<'_> {
     }
 }
 
-/// Times of one generation: the first token (the prompt's forward pass and a draw), each
-/// later token, and the whole.
+/// Times of one generation: the first step (the prompts' forward pass and a draw), each
+/// later step, and the whole.
 struct Timing {
     first_ms: f64,
     per_token_ms: Vec<f64>,
     total_s: f64,
 }
 
-/// Generates `length` tokens after a random prompt of `prompt_len` tokens, timing each.
-/// Each token is read back to the host before the next step, so the times include the
-/// device's work.
+/// Generates `length` tokens after `batch` random prompts of `prompt_len` tokens, timing
+/// each step. The step's tokens are read back to the host before the next, so the times
+/// include the device's work.
 fn time_generation<B: CoorDescentBackend>(
     model: &Lm<B>,
+    batch: usize,
     prompt_len: usize,
     length: usize,
 ) -> Result<Timing> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let prompt: Vec<i64> = (0..prompt_len)
-        .map(|_| rng.random_range(0..model.num_tokens() as i64))
+    let prompts: Vec<Vec<i64>> = (0..batch)
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| rng.random_range(0..model.num_tokens() as i64))
+                .collect()
+        })
         .collect();
-    let mut sampler = SamplerConfig::new().init()?;
+    let samplers = |seed: u64| -> Result<Vec<_>> {
+        (0..batch as u64)
+            .map(|row| Ok(SamplerConfig::new().with_seed(seed + row).init()?))
+            .collect()
+    };
     // Warm-up: kernels compiled, buffers allocated.
-    colt5::lm::generate(model.decoder().as_mut(), &prompt, 8, &mut sampler, |_| ())?;
+    generate_batch(
+        model.decoder().as_mut(),
+        &prompts,
+        8,
+        &mut samplers(0)?,
+        |_, _| (),
+    )?;
     let mut decoder = model.decoder();
     let started = Instant::now();
     let mut last = started;
     let mut times = Vec::with_capacity(length);
-    colt5::lm::generate(decoder.as_mut(), &prompt, length, &mut sampler, |_| {
-        let now = Instant::now();
-        times.push((now - last).as_secs_f64() * 1e3);
-        last = now;
-    })?;
+    generate_batch(
+        decoder.as_mut(),
+        &prompts,
+        length,
+        &mut samplers(0)?,
+        |row, _| {
+            if row + 1 == batch {
+                let now = Instant::now();
+                times.push((now - last).as_secs_f64() * 1e3);
+                last = now;
+            }
+        },
+    )?;
     let total_s = started.elapsed().as_secs_f64();
     let first_ms = times.first().copied().unwrap_or(f64::NAN);
     Ok(Timing {

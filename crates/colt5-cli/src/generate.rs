@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use colt5::coor_descent::CoorDescentBackend;
-use colt5::lm::{generate, LanguageModel, SamplerConfig};
+use colt5::lm::{generate, generate_batch, LanguageModel, SamplerConfig};
 use colt5::train::checkpoint;
 
 use crate::backend::{run_on, BackendKind, Job};
@@ -20,8 +20,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text to continue.
-    #[arg(long, default_value = "\n")]
+    #[arg(long, default_value = "\n", conflicts_with = "prompts")]
     prompt: String,
+    /// A file of prompts, one per line (empty lines are skipped), continued together in
+    /// one batch; prompt i samples with seed `--seed` + i, and each prompt and its
+    /// continuation are printed under a `==> prompt i <==` line once all are done.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
     /// Bytes to generate.
     #[arg(long, default_value_t = 512)]
     length: usize,
@@ -59,14 +64,20 @@ impl Job for Generation<'_> {
         B::InnerBackend: CoorDescentBackend,
     {
         let args = self.0;
-        let sampler = SamplerConfig::new()
-            .with_temperature(args.temperature)
-            .with_filter_thres(args.filter_thres)
-            .with_seed(args.seed);
-        let mut sampler = sampler.init()?;
-        if args.prompt.is_empty() {
-            anyhow::bail!("the prompt is empty: give at least one byte of text");
-        }
+        let sampler = |row: usize| {
+            SamplerConfig::new()
+                .with_temperature(args.temperature)
+                .with_filter_thres(args.filter_thres)
+                .with_seed(args.seed.wrapping_add(row as u64))
+                .init()
+        };
+        let prompts = match &args.prompts {
+            Some(path) => read_prompts(path)?,
+            None if args.prompt.is_empty() => {
+                anyhow::bail!("the prompt is empty: give at least one byte of text")
+            }
+            None => Vec::new(),
+        };
         let (found, skipped) = checkpoint::newest_good::<TrainConfig>(&args.checkpoint)?;
         for damaged in &skipped {
             tracing::warn!("skipping {}: {}", damaged.path.display(), damaged.error);
@@ -81,6 +92,10 @@ impl Job for Generation<'_> {
         let model = checkpoint::load_model(&path, model)
             .with_context(|| format!("cannot load the weights of {}", path.display()))?
             .valid();
+        if !prompts.is_empty() {
+            return generate_all(&model, &prompts, args, sampler);
+        }
+        let mut sampler = sampler(0)?;
         let prompt: Vec<i64> = args.prompt.bytes().map(i64::from).collect();
         let mut stdout = std::io::stdout().lock();
         stdout.write_all(args.prompt.as_bytes())?;
@@ -106,6 +121,63 @@ impl Job for Generation<'_> {
         writeln!(stdout)?;
         Ok(())
     }
+}
+
+/// The non-empty lines of `path`, without their line ends.
+fn read_prompts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the prompts file {}", path.display()))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(
+        !prompts.is_empty(),
+        "{} holds no prompt (one per line)",
+        path.display()
+    );
+    Ok(prompts)
+}
+
+/// Continues every prompt in one batch and prints each with its continuation.
+fn generate_all<B: CoorDescentBackend>(
+    model: &crate::model::Lm<B>,
+    prompts: &[String],
+    args: &GenerateArgs,
+    sampler: impl Fn(usize) -> colt5::Result<colt5::lm::Sampler>,
+) -> Result<()> {
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .map(|prompt| prompt.bytes().map(i64::from).collect())
+        .collect();
+    let mut samplers = (0..prompts.len())
+        .map(&sampler)
+        .collect::<colt5::Result<Vec<_>>>()?;
+    let progress = indicatif::ProgressBar::new(args.length as u64).with_message("generating");
+    let mut decoder = model.decoder();
+    let continuations = generate_batch(
+        decoder.as_mut(),
+        &ids,
+        args.length,
+        &mut samplers,
+        |row, _| {
+            if row == 0 {
+                progress.inc(1);
+            }
+        },
+    )?;
+    progress.finish_and_clear();
+    let mut stdout = std::io::stdout().lock();
+    for (i, (prompt, continuation)) in prompts.iter().zip(continuations).enumerate() {
+        let mut bytes: Vec<u8> = continuation.into_iter().map(|t| t as u8).collect();
+        let text = ready(&mut bytes, args.raw, true).unwrap_or_default();
+        writeln!(stdout, "==> prompt {i} <==")?;
+        stdout.write_all(prompt.as_bytes())?;
+        stdout.write_all(&text)?;
+        writeln!(stdout, "\n")?;
+    }
+    Ok(())
 }
 
 /// The bytes of `pending` to write now (and clears it), if any: everything in raw mode;

@@ -169,6 +169,51 @@ fn training_beats_the_unigram_entropy_and_generates() {
     let stdout = generated.stdout;
     assert!(stdout.starts_with(b"The quick"));
     assert_eq!(stdout.len(), "The quick".len() + 20 + 1);
+
+    // A batch of prompts: each continues as it would alone (prompt i with seed i).
+    let generate_raw = |prompt_flag: &str, value: &std::ffi::OsStr, seed: &str| {
+        let output = colt5()
+            .args([
+                "generate",
+                "--raw",
+                "--length",
+                "20",
+                "--seed",
+                seed,
+                prompt_flag,
+            ])
+            .arg(value)
+            .arg("--checkpoint")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output.stdout
+    };
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "The quick\n\nA\n").unwrap();
+    let batched = generate_raw("--prompts", prompts.as_os_str(), "0");
+    let mut expected = Vec::new();
+    for (i, prompt) in ["The quick", "A"].iter().enumerate() {
+        let alone = generate_raw("--prompt", prompt.as_ref(), &i.to_string());
+        expected.extend(format!("==> prompt {i} <==\n").bytes());
+        expected.extend(&alone);
+        expected.push(b'\n');
+    }
+    assert_eq!(batched, expected);
+    std::fs::write(&prompts, "\n\n").unwrap();
+    let empty = colt5()
+        .args(["generate", "--prompts"])
+        .arg(&prompts)
+        .arg("--checkpoint")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(one_line_error(&empty).contains("holds no prompt"));
 }
 
 #[test]
