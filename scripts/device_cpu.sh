@@ -10,5 +10,5 @@ lscpu | grep "Model name" | tee "$out/cpu.txt"
 bench=.device/shared/bench
 taskset -c 0,1 .device/colt5 bench lm --steps 3 --configs small-cd small-dense small-colt5 small 2>&1 | tee "$out/colt5_lm.md"
 (cd $bench && taskset -c 0,1 python3 bench_cpu_lm.py --threads 2 --steps 3 --configs small-cd small-dense) 2>&1 | tee "$out/reference_lm.md"
-taskset -c 0,1 .device/colt5 bench generate --configs small small-cd --prompt-len 1 --length 256 2>&1 | tee "$out/colt5_generate.md"
+taskset -c 0,1 .device/colt5 bench generate --configs small small-cd --batch 1 8 --prompt-len 1 --length 256 2>&1 | tee "$out/colt5_generate.md"
 (cd $bench && taskset -c 0,1 python3 bench_generate.py --device cpu --configs small-cd --length 256) 2>&1 | tee "$out/reference_generate.md"
