@@ -294,7 +294,8 @@ impl CdTransformerConfig {
 /// of a batch may start with padding (prompts of different lengths, padded on the left).
 #[derive(Debug, Clone)]
 pub struct CdCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Per layer, allocated by the first forward (which knows the batch).
+    layers: Vec<Option<KvCache<B>>>,
     len: usize,
     /// Per batch row, the padding tokens it starts with; empty: none.
     padding: Vec<usize>,
@@ -309,6 +310,59 @@ impl<B: Backend> CdCache<B> {
     /// Whether nothing is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// One attention layer's keys and values for incremental decoding: `[batch, heads, null +
+/// capacity, dim_head]`, allocated once, null keys/values in front, new positions written
+/// in place (no copy of what is cached at each step).
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    /// Slots written (null keys included).
+    filled: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Writes `k, v: [batch, heads, n, dim_head]` after the filled slots; returns every
+    /// filled slot's keys and values (views of the cache).
+    fn append(
+        &mut self,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> crate::Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let [batch, heads, n, dim_head] = k.dims();
+        let [cache_batch, cache_heads, capacity, cache_dim] = self.keys.dims();
+        if [batch, heads, dim_head] != [cache_batch, cache_heads, cache_dim]
+            || self.filled + n > capacity
+        {
+            return Err(Error::Shape {
+                name: "keys",
+                actual: vec![batch, heads, self.filled + n, dim_head],
+                expected: format!(
+                    "within the cache's [{cache_batch}, {cache_heads}, {capacity}, {cache_dim}]"
+                ),
+            });
+        }
+        let slots = [
+            0..batch,
+            0..heads,
+            self.filled..self.filled + n,
+            0..dim_head,
+        ];
+        // Moved out and back so that the cache's buffer has one owner: written in place.
+        let device = k.device();
+        let placeholder = || Tensor::empty([0, 0, 0, 0], &device);
+        let keys = std::mem::replace(&mut self.keys, placeholder());
+        self.keys = keys.slice_assign(slots.clone(), k);
+        let values = std::mem::replace(&mut self.values, placeholder());
+        self.values = values.slice_assign(slots, v);
+        self.filled += n;
+        Ok((
+            self.keys.clone().narrow(2, 0, self.filled),
+            self.values.clone().narrow(2, 0, self.filled),
+        ))
     }
 }
 
@@ -361,38 +415,64 @@ impl<B: CoorDescentBackend> CdAttention<B> {
         self.null_kv.as_ref().map_or(0, |null_kv| null_kv.dims()[2])
     }
 
+    /// An empty cache of this layer's keys and values for `batch` rows and `capacity`
+    /// positions, its null keys/values written in front.
+    pub fn empty_kv_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> KvCache<B> {
+        let null = self.null_kv_count();
+        let dim_head = self.to_qkv.weight.dims()[1] / (3 * self.heads);
+        let shape = [batch, self.heads, null + capacity, dim_head];
+        let (mut keys, mut values) = (Tensor::zeros(shape, device), Tensor::zeros(shape, device));
+        if let Some(null_kv) = &self.null_kv {
+            let nulls = |i| {
+                null_kv
+                    .val()
+                    .narrow(0, i, 1)
+                    .reshape([1, self.heads, null, dim_head])
+                    .expand([batch, self.heads, null, dim_head])
+            };
+            keys = keys.slice_assign([0..batch, 0..self.heads, 0..null, 0..dim_head], nulls(0));
+            values = values.slice_assign([0..batch, 0..self.heads, 0..null, 0..dim_head], nulls(1));
+        }
+        KvCache {
+            keys,
+            values,
+            filled: null,
+        }
+    }
+
     /// Attends each of the `n` tokens of `x: [batch, n, dim]` to the keys `mask` shows it
     /// among the null keys, the cached tokens (which come before all of them) and the `n`
     /// tokens; the cache, if given, grows by them.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut KvCache<B>>,
         mask: &KeyMask<B>,
     ) -> crate::Result<Tensor<B, 3>> {
         let [batch, queries, _] = x.dims();
         let x = self.norm.forward(x);
-        let [q, mut k, mut v] =
+        let [q, k, v] =
             split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x.clone()), self.heads);
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
-            }
-            *cache = Some((k.clone(), v.clone()));
-        }
-        if let Some(null_kv) = &self.null_kv {
-            let [_, heads, null, dim_head] = null_kv.dims();
-            let null = |i| {
-                null_kv
-                    .val()
-                    .narrow(0, i, 1)
-                    .reshape([1, heads, null, dim_head])
-                    .expand([batch, heads, null, dim_head])
-            };
-            k = Tensor::cat(vec![null(0), k], 2);
-            v = Tensor::cat(vec![null(1), v], 2);
-        }
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => match &self.null_kv {
+                Some(null_kv) => {
+                    let [_, heads, null, dim_head] = null_kv.dims();
+                    let nulls = |i| {
+                        null_kv
+                            .val()
+                            .narrow(0, i, 1)
+                            .reshape([1, heads, null, dim_head])
+                            .expand([batch, heads, null, dim_head])
+                    };
+                    (
+                        Tensor::cat(vec![nulls(0), k], 2),
+                        Tensor::cat(vec![nulls(1), v], 2),
+                    )
+                }
+                None => (k, v),
+            },
+        };
         let [_, heads, keys, dim_head] = k.dims();
         let mask_dims = mask.visible.dims();
         if mask_dims[2] != queries || mask_dims[3] != keys || ![1, batch].contains(&mask_dims[0]) {
@@ -475,33 +555,44 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
         tokens: Tensor<B, 2, Int>,
         cache: &mut CdCache<B>,
     ) -> crate::Result<Tensor<B, 3>> {
+        self.forward_after(tokens, Some(cache))
+    }
+
+    /// Logits of `tokens` after the cache's tokens, or from the start without a cache.
+    fn forward_after(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut CdCache<B>>,
+    ) -> crate::Result<Tensor<B, 3>> {
         let [batch, n] = tokens.dims();
-        let shortest_padding = cache.padding.iter().copied().min().unwrap_or(0);
-        if cache.len + n - shortest_padding > self.seq_len {
+        let (cached, padding) = cache
+            .as_ref()
+            .map_or((0, Vec::new()), |cache| (cache.len, cache.padding.clone()));
+        let shortest_padding = padding.iter().copied().min().unwrap_or(0);
+        if n == 0 || cached + n - shortest_padding > self.seq_len {
             return Err(Error::Shape {
                 name: "tokens",
-                actual: vec![batch, cache.len + n - shortest_padding],
-                expected: format!("at most seq_len = {} positions", self.seq_len),
+                actual: vec![batch, cached + n - shortest_padding],
+                expected: format!("1 to seq_len = {} positions", self.seq_len),
             });
         }
-        if !cache.padding.is_empty() && cache.padding.len() != batch {
+        if !padding.is_empty() && padding.len() != batch {
             return Err(Error::Shape {
                 name: "tokens",
                 actual: vec![batch, n],
-                expected: format!("the cache's {} rows", cache.padding.len()),
+                expected: format!("the cache's {} rows", padding.len()),
             });
         }
         debug_check_tokens(&tokens, self.num_tokens)?;
         let device = tokens.device();
-        let positions = match cache.padding.is_empty() {
-            true => Tensor::<B, 1, Int>::arange(cache.len as i64..(cache.len + n) as i64, &device)
+        let positions = match padding.is_empty() {
+            true => Tensor::<B, 1, Int>::arange(cached as i64..(cached + n) as i64, &device)
                 .reshape([1, n]),
             false => {
-                let positions: Vec<i64> = cache
-                    .padding
+                let positions: Vec<i64> = padding
                     .iter()
                     .flat_map(|&pad| {
-                        (cache.len..cache.len + n).map(move |i| i.saturating_sub(pad) as i64)
+                        (cached..cached + n).map(move |i| i.saturating_sub(pad) as i64)
                     })
                     .collect();
                 Tensor::from_data(
@@ -514,16 +605,20 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
             .layers
             .first()
             .map_or(0, |layer| layer.attention.null_kv_count());
-        let mask = KeyMask::new(n, cache.len, null, &cache.padding, &device);
+        let mask = KeyMask::new(n, cached, null, &padding, &device);
+        let capacity = self.seq_len + shortest_padding;
         let mut x = self.token_emb.forward(tokens) + self.pos_emb.forward(positions);
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer
-                .attention
-                .forward(x.clone(), Some(layer_cache), &mask)?
-                + x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|cache| {
+                cache.layers[i]
+                    .get_or_insert_with(|| layer.attention.empty_kv_cache(batch, capacity, &device))
+            });
+            x = layer.attention.forward(x.clone(), layer_cache, &mask)? + x;
             x = layer.feed_forward.forward(x.clone())? + x;
         }
-        cache.len += n;
+        if let Some(cache) = cache {
+            cache.len += n;
+        }
         Ok(crate::linear::by_chunks(x, |x| {
             crate::linear::apply(&self.to_logits, self.logits_norm.forward(x))
         }))
@@ -532,15 +627,7 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
 
 impl<B: CoorDescentBackend> LanguageModel<B> for CdTransformer<B> {
     fn forward(&self, tokens: Tensor<B, 2, Int>) -> crate::Result<Tensor<B, 3>> {
-        let [batch, n] = tokens.dims();
-        if n == 0 {
-            return Err(Error::Shape {
-                name: "tokens",
-                actual: vec![batch, n],
-                expected: format!("[batch, 1..={}] (seq_len)", self.seq_len),
-            });
-        }
-        self.forward_cached(tokens, &mut self.empty_cache())
+        self.forward_after(tokens, None)
     }
 
     fn seq_len(&self) -> usize {
