@@ -318,8 +318,9 @@ impl<B: Backend> CdCache<B> {
 /// in place (no copy of what is cached at each step).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    keys: Tensor<B, 4>,
-    values: Tensor<B, 4>,
+    /// Keys and values; taken out while a step writes them, so that their buffers have one
+    /// owner and are written in place.
+    slots: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
     /// Slots written (null keys included).
     filled: usize,
 }
@@ -333,10 +334,15 @@ impl<B: Backend> KvCache<B> {
         v: Tensor<B, 4>,
     ) -> crate::Result<(Tensor<B, 4>, Tensor<B, 4>)> {
         let [batch, heads, n, dim_head] = k.dims();
-        let [cache_batch, cache_heads, capacity, cache_dim] = self.keys.dims();
+        let (keys, values) = self
+            .slots
+            .take()
+            .expect("a cache holds its slots between steps");
+        let [cache_batch, cache_heads, capacity, cache_dim] = keys.dims();
         if [batch, heads, dim_head] != [cache_batch, cache_heads, cache_dim]
             || self.filled + n > capacity
         {
+            self.slots = Some((keys, values));
             return Err(Error::Shape {
                 name: "keys",
                 actual: vec![batch, heads, self.filled + n, dim_head],
@@ -345,24 +351,21 @@ impl<B: Backend> KvCache<B> {
                 ),
             });
         }
-        let slots = [
+        let written = [
             0..batch,
             0..heads,
             self.filled..self.filled + n,
             0..dim_head,
         ];
-        // Moved out and back so that the cache's buffer has one owner: written in place.
-        let device = k.device();
-        let placeholder = || Tensor::empty([0, 0, 0, 0], &device);
-        let keys = std::mem::replace(&mut self.keys, placeholder());
-        self.keys = keys.slice_assign(slots.clone(), k);
-        let values = std::mem::replace(&mut self.values, placeholder());
-        self.values = values.slice_assign(slots, v);
+        let keys = keys.slice_assign(written.clone(), k);
+        let values = values.slice_assign(written, v);
         self.filled += n;
-        Ok((
-            self.keys.clone().narrow(2, 0, self.filled),
-            self.values.clone().narrow(2, 0, self.filled),
-        ))
+        let filled = (
+            keys.clone().narrow(2, 0, self.filled),
+            values.clone().narrow(2, 0, self.filled),
+        );
+        self.slots = Some((keys, values));
+        Ok(filled)
     }
 }
 
@@ -434,8 +437,7 @@ impl<B: CoorDescentBackend> CdAttention<B> {
             values = values.slice_assign([0..batch, 0..self.heads, 0..null, 0..dim_head], nulls(1));
         }
         KvCache {
-            keys,
-            values,
+            slots: Some((keys, values)),
             filled: null,
         }
     }
