@@ -8,6 +8,7 @@
 //! other backend, and small products, take burn's `matmul`.
 
 mod autodiff;
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cublas;
 
@@ -34,7 +35,15 @@ pub trait MatmulBackend: Backend {
 
 impl_for_ndarray!(MatmulBackend {});
 
-impl MatmulBackend for burn::backend::Flex {}
+impl MatmulBackend for burn::backend::Flex {
+    fn gemm(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose: [bool; 2],
+    ) -> Option<FloatTensor<Self>> {
+        cpu::gemm(a, b, transpose)
+    }
+}
 
 /// CubeCL runtimes that may run [`MatmulBackend::gemm`] with a library kernel: CUDA with
 /// cuBLAS; the default (wgpu) runs none.
