@@ -104,6 +104,15 @@ fn resume(out: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Fails with the command's stderr unless it succeeded.
+fn assert_succeeded(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn one_line_error(output: &std::process::Output) -> String {
     assert!(!output.status.success(), "the command should have failed");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -138,11 +147,7 @@ fn training_beats_the_unigram_entropy_and_generates() {
         &data,
         &["--steps", "40", "--lr", "3e-3", "--final-lr-fraction", "1"],
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_succeeded(&output);
     let text = std::fs::read(&data).unwrap();
     let entropy = unigram_entropy(&text[..text.len() * 90 / 100]);
     let (step, last) = losses(&out, "valid").pop().unwrap();
@@ -187,11 +192,7 @@ fn training_beats_the_unigram_entropy_and_generates() {
             .arg(&out)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_succeeded(&output);
         output.stdout
     };
     let prompts = dir.path().join("prompts.txt");
@@ -230,11 +231,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     assert!(train(&split, &data, &with("10")).status.success());
     // A run stopped after step 10's checkpoint continues from it.
     let resumed = resume(&split, &data, &["--steps", "20"]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_succeeded(&resumed);
     for kind in ["train", "valid"] {
         let (a, b) = (losses(&straight, kind), losses(&split, kind));
         assert_eq!(a.len(), if kind == "train" { 20 } else { 2 });
@@ -349,11 +346,7 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
         &data,
         &["--steps", "13", "--lr", "1e6", "--no-divergence-check"],
     );
-    assert!(
-        unchecked.status.success(),
-        "{}",
-        String::from_utf8_lossy(&unchecked.stderr)
-    );
+    assert_succeeded(&unchecked);
 }
 
 /// Starts `colt5 train` in the background.
@@ -527,13 +520,10 @@ fn one_and_four_threads_train_to_identical_weights() {
         ]);
         let output = train_command(&out, &data, args)
             .env("RAYON_NUM_THREADS", threads)
+            .env("MATMUL_NUM_THREADS", threads)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_succeeded(&output);
         out
     };
     let (one, four) = (run("1"), run("4"));

@@ -418,6 +418,20 @@ impl<B: CoorDescentBackend> CdAttention<B> {
         self.null_kv.as_ref().map_or(0, |null_kv| null_kv.dims()[2])
     }
 
+    /// The null keys and values `[batch, heads, null, dim_head]` each, if the layer has any.
+    fn null_keys_values(&self, batch: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let null_kv = self.null_kv.as_ref()?;
+        let [_, heads, null, dim_head] = null_kv.dims();
+        let part = |i| {
+            null_kv
+                .val()
+                .narrow(0, i, 1)
+                .reshape([1, heads, null, dim_head])
+                .expand([batch, heads, null, dim_head])
+        };
+        Some((part(0), part(1)))
+    }
+
     /// An empty cache of this layer's keys and values for `batch` rows and `capacity`
     /// positions, its null keys/values written in front.
     pub fn empty_kv_cache(&self, batch: usize, capacity: usize, device: &B::Device) -> KvCache<B> {
@@ -425,16 +439,10 @@ impl<B: CoorDescentBackend> CdAttention<B> {
         let dim_head = self.to_qkv.weight.dims()[1] / (3 * self.heads);
         let shape = [batch, self.heads, null + capacity, dim_head];
         let (mut keys, mut values) = (Tensor::zeros(shape, device), Tensor::zeros(shape, device));
-        if let Some(null_kv) = &self.null_kv {
-            let nulls = |i| {
-                null_kv
-                    .val()
-                    .narrow(0, i, 1)
-                    .reshape([1, self.heads, null, dim_head])
-                    .expand([batch, self.heads, null, dim_head])
-            };
-            keys = keys.slice_assign([0..batch, 0..self.heads, 0..null, 0..dim_head], nulls(0));
-            values = values.slice_assign([0..batch, 0..self.heads, 0..null, 0..dim_head], nulls(1));
+        if let Some((null_keys, null_values)) = self.null_keys_values(batch) {
+            let front = [0..batch, 0..self.heads, 0..null, 0..dim_head];
+            keys = keys.slice_assign(front.clone(), null_keys);
+            values = values.slice_assign(front, null_values);
         }
         KvCache {
             slots: Some((keys, values)),
@@ -455,25 +463,13 @@ impl<B: CoorDescentBackend> CdAttention<B> {
         let x = self.norm.forward(x);
         let [q, k, v] =
             split_heads::<B, 3>(crate::linear::forward(&self.to_qkv, x.clone()), self.heads);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v)?,
-            None => match &self.null_kv {
-                Some(null_kv) => {
-                    let [_, heads, null, dim_head] = null_kv.dims();
-                    let nulls = |i| {
-                        null_kv
-                            .val()
-                            .narrow(0, i, 1)
-                            .reshape([1, heads, null, dim_head])
-                            .expand([batch, heads, null, dim_head])
-                    };
-                    (
-                        Tensor::cat(vec![nulls(0), k], 2),
-                        Tensor::cat(vec![nulls(1), v], 2),
-                    )
-                }
-                None => (k, v),
-            },
+        let (k, v) = match (cache, self.null_keys_values(batch)) {
+            (Some(cache), _) => cache.append(k, v)?,
+            (None, Some((null_keys, null_values))) => (
+                Tensor::cat(vec![null_keys, k], 2),
+                Tensor::cat(vec![null_values, v], 2),
+            ),
+            (None, None) => (k, v),
         };
         let [_, heads, keys, dim_head] = k.dims();
         let mask_dims = mask.visible.dims();
@@ -542,6 +538,11 @@ impl<B: CoorDescentBackend> CdTransformer<B> {
     /// row's padding and the row's positions start after it, so each row computes what it
     /// would alone.
     pub fn padded_cache(&self, padding: Vec<usize>) -> CdCache<B> {
+        // Rows without padding need neither per-row positions nor per-row masks.
+        let padding = match padding.iter().all(|&pad| pad == 0) {
+            true => Vec::new(),
+            false => padding,
+        };
         CdCache {
             layers: vec![None; self.layers.len()],
             len: 0,
@@ -697,13 +698,9 @@ impl<B: CoorDescentBackend> Decoder for CachedDecoder<'_, B> {
                 });
             }
             let (ids, padding) = left_pad(&windows);
-            super::check_token_ids(&ids, num_tokens)?;
-            let shape = [windows.len(), ids.len() / windows.len()];
-            let tokens = Tensor::from_data(burn::tensor::TensorData::new(ids, shape), &device);
-            self.cache = match padding.iter().all(|&pad| pad == 0) {
-                true => model.empty_cache(),
-                false => model.padded_cache(padding),
-            };
+            let padded: Vec<&[i64]> = ids.chunks(ids.len() / windows.len()).collect();
+            let tokens = token_tensor::<B>(&padded, num_tokens, &device)?;
+            self.cache = model.padded_cache(padding);
             model.forward_cached(tokens, &mut self.cache)?
         };
         self.lengths = match clipped {

@@ -14,7 +14,6 @@ pub(super) fn gemm(a: FlexTensor, b: FlexTensor, transpose: [bool; 2]) -> Option
     if a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return None;
     }
-    let (a, b) = (a.to_contiguous(), b.to_contiguous());
     let (a_dims, b_dims) = (a.layout().shape().to_vec(), b.layout().shape().to_vec());
     if a_dims.len() != 2 || b_dims.len() != 2 {
         return None;
@@ -29,6 +28,7 @@ pub(super) fn gemm(a: FlexTensor, b: FlexTensor, transpose: [bool; 2]) -> Option
     if k != k_b {
         return None;
     }
+    let (a, b) = (a.to_contiguous(), b.to_contiguous());
     let (a_values, b_values) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
     let mut c = vec![0f32; m * n];
     if m > 0 && n > 0 {
