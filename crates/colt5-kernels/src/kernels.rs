@@ -1070,7 +1070,7 @@ fn output_slope(s: f32, a_last: f32, g: f32, inv_eps_out: f32) -> f32 {
     )
 }
 
-/// The exact reverse sweep (DESIGN §1) from the thresholds of the forward: gradients with
+/// The exact reverse sweep (`docs/soft-top-k.md`) from the thresholds of the forward: gradients with
 /// respect to the scores and to k. Resident entries accumulate their gradient in registers
 /// during the sweep; for streamed entries `coefficients` (shared, four per iteration and row
 /// of the cube) carries each iteration's ā_t/Z_t, ceiling, shift and inverse temperature to

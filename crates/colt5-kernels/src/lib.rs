@@ -2,7 +2,7 @@
 //! iterative solver in one launch, its exact reverse sweep in another, and the converged
 //! solver in a third.
 //!
-//! The state of a row is one scalar (DESIGN.md §1): the forward computes the row maximum
+//! The state of a row is one scalar (`docs/soft-top-k.md`): the forward computes the row maximum
 //! once, runs the iterations on the threshold a, writes the output and the T thresholds
 //! a_1..a_T (`rows × T × 4` bytes, all the backward keeps), and the backward recomputes each
 //! iteration's softmax from the scores and a_{t−1}. The converged solver ([`converged`])

@@ -1,6 +1,6 @@
 //! The models on a CubeCL GPU backend against the CPU implementation: the causal routed
 //! attention (keys routed per window among all earlier tokens) and the CoLT5 LM, outputs
-//! and parameter gradients, from the same weights.
+//! and parameter gradients, from the same weights; the CD-attention LM's cached decoding.
 //!
 //! Built with `--features wgpu` (lavapipe in CI) or `--features cuda` (an NVIDIA GPU):
 //! `cargo test -p colt5 --features cuda --test gpu`.
@@ -8,10 +8,15 @@
 
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use colt5::coor_descent::CoorDescentBackend;
 use colt5::import::StateDict;
-use colt5::lm::{next_token_loss, Colt5Transformer, Colt5TransformerConfig};
+use colt5::lm::{
+    next_token_loss, CdTransformerConfig, Colt5Transformer, Colt5TransformerConfig, LanguageModel,
+    SamplerConfig,
+};
+use std::sync::Mutex;
 
 mod common;
 use common::{data, normals, relative_error, tensor, Cpu, Gpu};
@@ -45,13 +50,18 @@ fn config() -> Colt5TransformerConfig {
 /// none on lavapipe, so the comparison measures the arithmetic.
 fn cpu_model() -> Colt5Transformer<Cpu> {
     let device = Default::default();
+    let _turn = CPU_RANDOM_NUMBERS.lock().unwrap();
     <Cpu as burn::tensor::backend::Backend>::seed(&device, 5);
     config().init::<Cpu>(&device).unwrap()
 }
 
+/// The CPU backend draws its random numbers from one global generator: tests that initialise
+/// CPU modules take turns, so that [`cpu_model`]'s seeded draw is not interleaved with others.
+static CPU_RANDOM_NUMBERS: Mutex<()> = Mutex::new(());
+
 /// `target` (a freshly built module on another backend) with the weights of `source`,
 /// through the state dict the importer reads.
-fn transfer<S: Module<Cpu>, T: Module<Gpu>>(source: &S, target: T) -> T {
+fn transfer<A: Backend, B: Backend, S: Module<A>, T: Module<B>>(source: &S, target: T) -> T {
     StateDict::from_module(source).load_into(target).unwrap()
 }
 
@@ -147,6 +157,58 @@ fn colt5_lm_on_the_gpu_matches_the_cpu() {
     println!("loss {loss_cpu:?} vs {loss_gpu:?}: {loss_error:.2e}; gradients {grad_error:.2e}");
     assert!(loss_error < TOLERANCE.1, "loss: {loss_error:.2e}");
     assert!(grad_error < TOLERANCE.2, "gradients: {grad_error:.2e}");
+}
+
+/// The CD-attention LM's cached decoder on the GPU (a batch of prompts of different lengths,
+/// left-padded, keys and values written in place into preallocated caches, and past
+/// `seq_len` the recomputed window) against the CPU model's uncached forward on each row,
+/// the logits of every step. The rows grow by the tokens the CPU samples, so both sides see
+/// the same sequences; equal logits give equal samples except where TF32 rounding meets a
+/// sampling boundary, which the tolerance covers and a token comparison would not.
+#[test]
+fn cd_lm_cached_decoding_on_the_gpu_matches_the_cpu() {
+    let config = CdTransformerConfig::new(64, 32, 24, 2)
+        .with_heads(2)
+        .with_dim_head(16)
+        .with_attn_use_coor_descent(true)
+        .with_ff_use_coor_descent(true)
+        .with_ff_coor_descent_sparsity_k(16.0)
+        .with_attn_null_kv(2)
+        .with_learned_sparsity_k(true)
+        .with_attn_coor_descent_sparsity_k(3.0);
+    let gpu = config.init::<Gpu>(&Default::default()).unwrap();
+    let cpu = {
+        let _turn = CPU_RANDOM_NUMBERS.lock().unwrap();
+        transfer(&gpu, config.init::<Cpu>(&Default::default()).unwrap())
+    };
+    let mut rows: Vec<Vec<i64>> = vec![
+        vec![5],
+        (0..14).map(|i| (i * 11 % 64) as i64).collect(),
+        vec![9, 1, 40, 2],
+    ];
+    let mut samplers: Vec<_> = (0..3)
+        .map(|r| SamplerConfig::new().with_seed(r).init().unwrap())
+        .collect();
+    let mut decoder = gpu.decoder();
+    let mut worst: f64 = 0.0;
+    // 16 steps: the 14-token row passes seq_len = 24 after 10.
+    for step in 0..16 {
+        let got = decoder.next_logits(&rows).unwrap();
+        for (r, row) in rows.iter_mut().enumerate() {
+            let window = &row[row.len().saturating_sub(24)..];
+            let tokens = Tensor::<Cpu, 2, Int>::from_data(
+                TensorData::new(window.to_vec(), [1, window.len()]),
+                &Default::default(),
+            );
+            let logits = data(cpu.forward(tokens).unwrap());
+            let want = &logits[logits.len() - 64..];
+            let error = relative_error(&got[r], want);
+            assert!(error < TOLERANCE.0, "row {r}, step {step}: {error:.2e}");
+            worst = worst.max(error);
+            row.push(samplers[r].sample(want).unwrap());
+        }
+    }
+    println!("cached GPU decoding against the CPU forward: {worst:.2e}");
 }
 
 /// The routed block in bf16 on CUDA (weights, activations and matrix products in bf16) against

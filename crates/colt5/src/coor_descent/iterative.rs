@@ -1,5 +1,5 @@
 //! The reference's fixed-iteration solver in its one-scalar-per-row form, and the exact
-//! reverse sweep that differentiates it (DESIGN.md §1).
+//! reverse sweep that differentiates it (`docs/soft-top-k.md`).
 //!
 //! Forward: with eps_1..eps_T the temperature schedule and eps_f the temperature after the
 //! last update,
