@@ -23,6 +23,7 @@
 
 mod attention;
 mod kernels;
+mod norm;
 mod top_k;
 
 use cubecl::prelude::*;
@@ -38,6 +39,10 @@ use kernels::{
 };
 pub use kernels::{
     coor_descent_backward, coor_descent_converged, coor_descent_forward, KernelLayout,
+};
+pub use norm::{
+    norm_backward, norm_backward_rows, norm_forward, norm_forward_rows, NormInputs, NormKind,
+    NORM_STATS,
 };
 pub use top_k::top_k_rows;
 

@@ -61,7 +61,7 @@ impl FeedForwardConfig {
     }
 }
 
-impl<B: crate::matmul::MatmulBackend> FeedForward<B> {
+impl<B: crate::norm::NormBackend> FeedForward<B> {
     /// Applies the block to every position.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         crate::linear::by_chunks(x, |x| {

@@ -1,9 +1,10 @@
 //! Windowed local multi-head attention (`LocalMHA` of lucidrains/local-attention), the light
 //! branch of CoLT5's routed attention.
 
+use crate::norm::{LayerNorm, LayerNormConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{activation::softmax, backend::Backend, Bool, Int, Tensor, TensorData};
 
 use crate::attention::{merge_heads, split_heads};

@@ -1,8 +1,9 @@
 //! The routed vision transformer of CoLT5 (`vit.py`).
 
+use crate::norm::{LayerNorm, LayerNormConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, ops::FloatElem, Tensor, TensorData};
 
 use crate::coor_descent::CoorDescentBackend;

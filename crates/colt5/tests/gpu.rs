@@ -211,6 +211,57 @@ fn cd_lm_cached_decoding_on_the_gpu_matches_the_cpu() {
     println!("cached GPU decoding against the CPU forward: {worst:.2e}");
 }
 
+/// The fused layer norm and RMSNorm kernels against the CPU's tensor operations: outputs and
+/// the gradients of the input, the gain and the bias, on rows of odd lengths, several
+/// thousand rows (the gain's gradient summed in chunks), and an RMSNorm row of zeros (its
+/// norm below eps, where the scale is constant).
+#[test]
+fn fused_norms_on_the_gpu_match_the_cpu() {
+    use burn::module::Param;
+    use colt5::norm::{LayerNormConfig, RmsNormConfig};
+    fn gradients<B: AutodiffBackend + CoorDescentBackend>(
+        shape: [usize; 3],
+        rms: bool,
+    ) -> Vec<Vec<f64>> {
+        let device = Default::default();
+        let dim = shape[2];
+        let mut x = tensor::<B, 3>(31, shape);
+        if rms {
+            // A row of zeros: its norm is below eps.
+            x = x.slice_assign([0..1, 0..1, 0..dim], Tensor::zeros([1, 1, dim], &device));
+        }
+        let x = x.require_grad();
+        let g = tensor::<B, 3>(32, shape);
+        let gamma = Param::from_tensor(tensor::<B, 1>(33, [dim]).add_scalar(1.0));
+        let (out, parameters) = if rms {
+            let mut norm = RmsNormConfig::new(dim).init::<B>(&device);
+            norm.gamma = gamma;
+            (norm.forward(x.clone()), vec![norm.gamma.val()])
+        } else {
+            let mut norm = LayerNormConfig::new(dim).init::<B>(&device);
+            norm.gamma = gamma;
+            norm.beta = Some(Param::from_tensor(tensor::<B, 1>(34, [dim])));
+            let parameters = vec![norm.gamma.val(), norm.beta.as_ref().unwrap().val()];
+            (norm.forward(x.clone()), parameters)
+        };
+        let grads = (out.clone() * g).sum().backward();
+        let mut values = vec![data(out), data(x.grad(&grads).unwrap())];
+        values.extend(parameters.iter().map(|p| data(p.grad(&grads).unwrap())));
+        values
+    }
+    for shape in [[2, 3, 7], [1, 5, 600], [2, 2304, 64]] {
+        for rms in [false, true] {
+            let (gpu, cpu) = (gradients::<Gpu>(shape, rms), gradients::<Cpu>(shape, rms));
+            for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+                let error = relative_error(a, b);
+                let name = ["output", "input gradient", "gain gradient", "bias gradient"][i];
+                println!("{shape:?}, rms {rms}: {name} {error:.2e}");
+                assert!(error < 1e-4, "{shape:?}, rms {rms}: {name} {error:.2e}");
+            }
+        }
+    }
+}
+
 /// The routed block in bf16 on CUDA (weights, activations and matrix products in bf16) against
 /// the f32 CPU block with the same weights: its output and the gradient of sum(out · g) with
 /// respect to its input, row by row. bf16 keeps 8 bits of mantissa (3.9e-3 relative per

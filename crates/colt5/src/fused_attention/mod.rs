@@ -48,7 +48,7 @@ pub struct FusedAttention {
 /// Backends that may fuse attention. Shapes: `q [batch, heads, queries, dim_head]`,
 /// `k, v [batch, heads, keys, dim_head]`, key mask `[batch, heads, keys]` (`true` =
 /// visible). A query that sees no key outputs zeros. The defaults fuse nothing.
-pub trait AttentionBackend: crate::matmul::MatmulBackend {
+pub trait AttentionBackend: crate::norm::NormBackend {
     /// The attention's output, or `None` where the backend has no fused kernel for the
     /// call (the caller then computes it another way). Autodiff backends record the
     /// operation for the backward pass.

@@ -2,9 +2,10 @@
 //! attention whose weights over the keys, and a feed-forward whose hidden activations, are
 //! soft top-k masks computed by coordinate descent.
 
+use crate::norm::{LayerNorm, LayerNormConfig};
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{activation, backend::Backend, Bool, Distribution, Int, Tensor};
 
 use super::{debug_check_tokens, last_logits, left_pad, token_tensor, Decoder, LanguageModel};

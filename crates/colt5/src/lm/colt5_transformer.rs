@@ -1,9 +1,10 @@
 //! The CoLT5 language model: a stack of routed transformer blocks with causal routed
 //! attention.
 
+use crate::norm::{LayerNorm, LayerNormConfig};
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor};
 
 use super::{debug_check_tokens, LanguageModel};

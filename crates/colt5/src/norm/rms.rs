@@ -4,6 +4,8 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Tensor};
 
+use super::{normalize, NormBackend, Normalization};
+
 /// Configuration of [`RmsNorm`].
 #[derive(Config, Debug)]
 pub struct RmsNormConfig {
@@ -44,12 +46,13 @@ impl RmsNormConfig {
     }
 }
 
-impl<B: Backend> RmsNorm<B> {
-    /// Normalises `x` over its last axis.
+impl<B: NormBackend> RmsNorm<B> {
+    /// Normalises `x` over its last axis (one fused kernel per direction on CubeCL
+    /// backends).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let [dim] = self.gamma.dims();
-        let norm = x.clone().square().sum_dim(D - 1).sqrt().clamp_min(1e-12);
-        let gamma = self.gamma.val().mul_scalar((dim as f64).sqrt());
-        x / norm * gamma.unsqueeze()
+        normalize(x, self.gamma.val(), None, Normalization::Rms { eps: EPS })
     }
 }
+
+/// The bound on the L2 norm (the reference's).
+const EPS: f64 = 1e-12;
