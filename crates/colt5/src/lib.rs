@@ -41,6 +41,7 @@ pub mod local_attention;
 pub mod matmul;
 pub mod memory;
 pub mod norm;
+mod parallel;
 pub mod parity;
 pub mod rotary;
 pub mod routed;

@@ -5,6 +5,7 @@
 use super::exp::{exp_in_place, sum};
 use super::iterative::Schedule;
 use super::MASKED_SCORE;
+use crate::parallel::parallel_rows;
 
 /// Row-major `[rows, n]` inputs of one call.
 pub(crate) struct Rows<'a> {
@@ -68,35 +69,6 @@ fn outputs(scores: &[f64], a: f64, eps: f64, out: &mut Vec<f64>) {
     exp_in_place(out);
 }
 
-/// Splits `rows` rows across threads; `work(first_row, outputs...)` fills each chunk.
-fn parallel_rows<F>(
-    rows: usize,
-    per_row: [usize; 2],
-    outputs: [&mut [f64]; 2],
-    cost: usize,
-    work: F,
-) where
-    F: Fn(usize, &mut [f64], &mut [f64]) + Sync,
-{
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let threads = if cost < 1 << 15 {
-        1
-    } else {
-        threads.min(rows).max(1)
-    };
-    let chunk = rows.div_ceil(threads);
-    let [first, second] = outputs;
-    std::thread::scope(|scope| {
-        let pieces = first
-            .chunks_mut(chunk * per_row[0])
-            .zip(second.chunks_mut(chunk * per_row[1]));
-        for (index, (a, b)) in pieces.enumerate() {
-            let work = &work;
-            scope.spawn(move || work(index * chunk, a, b));
-        }
-    });
-}
-
 /// Fills `out` with a_1..a_T of one row of `valid` selectable scores; returns the row
 /// maximum. `terms` is scratch space.
 fn thresholds(
@@ -127,7 +99,7 @@ pub(crate) fn forward(input: &Rows, schedule: &Schedule) -> (Vec<f64>, Vec<f64>)
     parallel_rows(
         rows,
         [n, steps],
-        [&mut y, &mut a],
+        (&mut y, &mut a),
         rows * n * steps,
         |first, y, a| {
             let mut scores = Vec::with_capacity(n);
@@ -166,7 +138,7 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
     parallel_rows(
         rows,
         [n, 1],
-        [&mut d_scores, &mut d_k],
+        (&mut d_scores, &mut d_k),
         rows * n * steps,
         |first, ds, dk| {
             let mut scores = Vec::with_capacity(n);

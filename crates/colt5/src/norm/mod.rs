@@ -3,9 +3,11 @@
 //! Composed of tensor operations, a layer norm is nine kernels forward and about twenty
 //! backward under autodiff, each a pass over the activations. [`NormBackend`] lets a
 //! backend run each direction as one fused kernel: CubeCL backends (CUDA, wgpu) run those of
-//! `colt5-kernels`; the others compute the same function from tensor operations.
+//! `colt5-kernels`, `Flex` one loop per row (`cpu.rs`); the others (`NdArray`, which serves
+//! the f64 golden parity) compute the same function from tensor operations.
 
 mod autodiff;
+mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube;
 mod layer;
@@ -80,7 +82,28 @@ pub trait NormBackend: crate::matmul::MatmulBackend {
 
 impl_for_ndarray!(NormBackend {});
 
-impl NormBackend for burn::backend::Flex {}
+impl NormBackend for burn::backend::Flex {
+    const FUSES_NORM: bool = true;
+
+    fn norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: Option<FloatTensor<Self>>,
+        kind: Normalization,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        cpu::forward(x, gamma, beta, kind)
+    }
+
+    fn norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kind: Normalization,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        cpu::backward(x, gamma, stats, grad, kind)
+    }
+}
 
 /// `x̂ · γ (+ β)` over the last axis of `x`: the backend's fused kernel where it has one,
 /// tensor operations otherwise.
@@ -131,5 +154,84 @@ fn composed<B: NormBackend, const D: usize>(
     match beta {
         Some(beta) => y + beta.unsqueeze(),
         None => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LayerNormConfig, RmsNormConfig};
+    use burn::backend::{Autodiff, Flex, NdArray};
+    use burn::module::Param;
+    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::{Tensor, TensorData};
+
+    /// Deterministic values in (−2, 2).
+    fn values<B: burn::tensor::backend::Backend, const D: usize>(
+        seed: u64,
+        shape: [usize; D],
+    ) -> Tensor<B, D> {
+        let count = shape.iter().product::<usize>();
+        let data: Vec<f32> = (0..count as u64)
+            .map(|i| (((i + 1) * (seed * 2 + 7919)) % 997) as f32 / 249.25 - 2.0)
+            .collect();
+        Tensor::from_data(TensorData::new(data, shape), &Default::default())
+    }
+
+    /// Output and the gradients of the input, the gain and the bias of sum(norm(x) · g), a
+    /// zero row first (RMSNorm's constant scale).
+    fn run<B: AutodiffBackend + super::NormBackend>(shape: [usize; 2], rms: bool) -> Vec<Vec<f64>>
+    where
+        B::InnerBackend: super::NormBackend,
+    {
+        let device = Default::default();
+        let dim = shape[1];
+        let x = values::<B, 2>(1, shape)
+            .slice_assign([0..1, 0..dim], Tensor::zeros([1, dim], &device))
+            .require_grad();
+        let g = values::<B, 2>(2, shape);
+        let gamma = Param::from_tensor(values::<B, 1>(3, [dim]));
+        let (out, parameters) = if rms {
+            let mut norm = RmsNormConfig::new(dim).init::<B>(&device);
+            norm.gamma = gamma;
+            (norm.forward(x.clone()), vec![norm.gamma.val()])
+        } else {
+            let mut norm = LayerNormConfig::new(dim).init::<B>(&device);
+            norm.gamma = gamma;
+            norm.beta = Some(Param::from_tensor(values::<B, 1>(4, [dim])));
+            let parameters = vec![norm.gamma.val(), norm.beta.as_ref().unwrap().val()];
+            (norm.forward(x.clone()), parameters)
+        };
+        let grads = (out.clone() * g).sum().backward();
+        let read = |data: TensorData| data.convert::<f64>().to_vec::<f64>().unwrap();
+        let mut all = vec![
+            read(out.into_data()),
+            read(x.grad(&grads).unwrap().into_data()),
+        ];
+        all.extend(
+            parameters
+                .iter()
+                .map(|p| read(p.grad(&grads).unwrap().into_data())),
+        );
+        all
+    }
+
+    #[test]
+    fn flex_fused_norms_match_the_composed_f64_norms() {
+        // 300 × 517 rows: enough entries that the rows are split across threads.
+        for shape in [[3, 5], [300, 517]] {
+            for rms in [false, true] {
+                let fused = run::<Autodiff<Flex>>(shape, rms);
+                let composed = run::<Autodiff<NdArray<f64>>>(shape, rms);
+                for (a, b) in fused.iter().zip(&composed) {
+                    let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+                    let error = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                    assert!(
+                        error / scale < 1e-5,
+                        "{shape:?} rms {rms}: {:e}",
+                        error / scale
+                    );
+                }
+            }
+        }
     }
 }
