@@ -3,10 +3,11 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Int, Tensor, TensorData};
 use colt5::coor_descent::CoorDescentBackend;
 use colt5::lm::{next_token_loss, CdTransformerConfig, Colt5TransformerConfig};
+use colt5::optim::AdamConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -21,6 +21,7 @@
 //! every threshold, the planes compute the updates' sums side by side. This crate depends
 //! only on CubeCL: `colt5` wires it into burn's CubeCL backends.
 
+mod adam;
 mod attention;
 mod kernels;
 mod norm;
@@ -29,6 +30,7 @@ mod top_k;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+pub use adam::{adam_step, adam_step_entries, AdamScalars};
 pub use attention::{
     attention_backward, attention_forward, AttentionInputs, AttentionShape, AttentionTuning, Band,
     MAX_DIM_HEAD,

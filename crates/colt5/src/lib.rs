@@ -41,6 +41,7 @@ pub mod local_attention;
 pub mod matmul;
 pub mod memory;
 pub mod norm;
+pub mod optim;
 mod parallel;
 pub mod parity;
 pub mod rotary;

@@ -262,6 +262,35 @@ fn fused_norms_on_the_gpu_match_the_cpu() {
     }
 }
 
+/// The fused Adam step on the GPU against burn's Adam on the CPU: a linear layer's weights
+/// after three steps of a fixed loss at a rising learning rate, from the same weights.
+#[test]
+fn fused_adam_on_the_gpu_matches_burns_adam_on_the_cpu() {
+    use burn::module::Param;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{GradientsParams, Optimizer};
+    fn train<B: AutodiffBackend>(mut optimizer: impl Optimizer<Linear<B>, B>) -> Vec<f64> {
+        let device = Default::default();
+        let mut layer = LinearConfig::new(300, 70).init::<B>(&device);
+        layer.weight = Param::from_tensor(tensor::<B, 2>(41, [300, 70]));
+        layer.bias = Some(Param::from_tensor(tensor::<B, 1>(42, [70])));
+        let x = tensor::<B, 2>(43, [16, 300]);
+        for step in 0..3 {
+            let loss = layer.forward(x.clone()).powf_scalar(2.0).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &layer);
+            layer = optimizer.step(1e-2 * (step + 1) as f64, layer, grads);
+        }
+        let mut weights = data(layer.weight.val());
+        weights.extend(data(layer.bias.unwrap().val()));
+        weights
+    }
+    let gpu = train::<Gpu>(colt5::optim::AdamConfig::new().init());
+    let cpu = train::<Cpu>(burn::optim::AdamConfig::new().init());
+    let error = relative_error(&gpu, &cpu);
+    println!("fused Adam on the GPU against burn's on the CPU: {error:.2e}");
+    assert!(error < 1e-5, "{error:.2e}");
+}
+
 /// The routed block in bf16 on CUDA (weights, activations and matrix products in bf16) against
 /// the f32 CPU block with the same weights: its output and the gradient of sum(out · g) with
 /// respect to its input, row by row. bf16 keeps 8 bits of mantissa (3.9e-3 relative per

@@ -256,7 +256,9 @@ pub struct SolveStats {
 ///
 /// The models' backends also provide [fused attention](crate::fused_attention), hence the
 /// supertrait: one bound gives a model every backend extension it uses.
-pub trait CoorDescentBackend: crate::fused_attention::AttentionBackend {
+pub trait CoorDescentBackend:
+    crate::fused_attention::AttentionBackend + crate::optim::AdamBackend
+{
     /// The soft top-k of every row and the solver statistics. Autodiff backends record the
     /// operation for the backward pass.
     fn coor_descent_rows(

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion, Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::lm::{generate, next_token_loss, LanguageModel, SamplerConfig};
+use crate::optim::{Adam, AdamBackend, AdamConfig};
 use checkpoint::State;
 use corpus::Corpus;
 use metrics::Metrics;
@@ -217,11 +218,15 @@ pub enum Finish {
     },
 }
 
-/// The optimizer every run uses: Adam with PyTorch's defaults.
+/// The optimizer every run uses: Adam ([`AdamConfig`]'s defaults), one fused operation per
+/// parameter tensor and step.
 pub type TrainOptimizer<B, M> = OptimizerAdaptor<Adam, M, B>;
 
 /// A model, its optimizer state and where the run writes, advanced by [`Trainer::run`].
-pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
+pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>>
+where
+    B::InnerBackend: AdamBackend,
+{
     model: M,
     optimizer: TrainOptimizer<B, M>,
     step: usize,
@@ -233,6 +238,7 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
 impl<B, M> Trainer<B, M>
 where
     B: AutodiffBackend,
+    B::InnerBackend: AdamBackend,
     M: AutodiffModule<B> + LanguageModel<B> + Clone,
     M::InnerModule: LanguageModel<B::InnerBackend>,
 {
