@@ -106,12 +106,12 @@ fn check_layers(model: &Colt5Transformer<Cpu>, gpu: &Colt5Transformer<Gpu>) {
     assert!(light.max(attention).max(feed_forward) < TOLERANCE.0);
 }
 
-/// The loss and the gradient of every parameter (flattened, in module order).
+/// The loss and the gradient of each parameter (in module order).
 fn run<B: AutodiffBackend + CoorDescentBackend>(
     model: &Colt5Transformer<B>,
     ids: &[i64],
     len: usize,
-) -> (Vec<f64>, Vec<f64>) {
+) -> (Vec<f64>, Vec<Vec<f64>>) {
     let device = Default::default();
     let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [2, len]), &device);
     let loss = next_token_loss(model, tokens).unwrap();
@@ -119,13 +119,13 @@ fn run<B: AutodiffBackend + CoorDescentBackend>(
     let mut gradients = Vec::new();
     struct Collect<'a, B: AutodiffBackend> {
         grads: &'a B::Gradients,
-        out: &'a mut Vec<f64>,
+        out: &'a mut Vec<Vec<f64>>,
     }
     impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Collect<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
             if let Some(g) = param.val().grad(self.grads) {
                 self.out
-                    .extend(g.into_data().convert::<f64>().to_vec::<f64>().unwrap());
+                    .push(g.into_data().convert::<f64>().to_vec::<f64>().unwrap());
             }
         }
     }
@@ -153,7 +153,18 @@ fn colt5_lm_on_the_gpu_matches_the_cpu() {
     let (loss_cpu, grads_cpu) = run(&cpu, &ids, len);
     let (loss_gpu, grads_gpu) = run(&gpu, &ids, len);
     let loss_error = relative_error(&loss_gpu, &loss_cpu);
-    let grad_error = relative_error(&grads_gpu, &grads_cpu);
+    let grad_error = relative_error(&grads_gpu.concat(), &grads_cpu.concat());
+    // Each parameter's gradient on its own scale, to tell a rounding drift (every parameter
+    // a little) from a token routed differently (a few parameters at full scale).
+    for (i, (gpu, cpu)) in grads_gpu.iter().zip(&grads_cpu).enumerate() {
+        let error = relative_error(gpu, cpu);
+        if error > TOLERANCE.2 / 10.0 {
+            println!(
+                "parameter {i} ({} entries): gradient {error:.2e}",
+                cpu.len()
+            );
+        }
+    }
     println!("loss {loss_cpu:?} vs {loss_gpu:?}: {loss_error:.2e}; gradients {grad_error:.2e}");
     assert!(loss_error < TOLERANCE.1, "loss: {loss_error:.2e}");
     assert!(grad_error < TOLERANCE.2, "gradients: {grad_error:.2e}");
@@ -262,27 +273,29 @@ fn fused_norms_on_the_gpu_match_the_cpu() {
     }
 }
 
-/// The fused Adam step on the GPU against burn's Adam on the CPU: a linear layer's weights
-/// after three steps of a fixed loss at a rising learning rate, from the same weights.
+/// The fused Adam step on the GPU against burn's Adam on the CPU: weights after three steps
+/// from the same weights at a rising learning rate. The loss, sum(w² · c), has the same
+/// gradient 2·w·c on both sides (no matrix product, whose TF32 rounding on CUDA would flip
+/// the sign of Adam's update where a gradient is near 0).
 #[test]
 fn fused_adam_on_the_gpu_matches_burns_adam_on_the_cpu() {
     use burn::module::Param;
-    use burn::nn::{Linear, LinearConfig};
     use burn::optim::{GradientsParams, Optimizer};
-    fn train<B: AutodiffBackend>(mut optimizer: impl Optimizer<Linear<B>, B>) -> Vec<f64> {
-        let device = Default::default();
-        let mut layer = LinearConfig::new(300, 70).init::<B>(&device);
-        layer.weight = Param::from_tensor(tensor::<B, 2>(41, [300, 70]));
-        layer.bias = Some(Param::from_tensor(tensor::<B, 1>(42, [70])));
-        let x = tensor::<B, 2>(43, [16, 300]);
+    #[derive(Module, Debug)]
+    struct Weights<B: Backend> {
+        w: Param<Tensor<B, 2>>,
+    }
+    fn train<B: AutodiffBackend>(mut optimizer: impl Optimizer<Weights<B>, B>) -> Vec<f64> {
+        let mut weights = Weights {
+            w: Param::from_tensor(tensor::<B, 2>(41, [300, 70])),
+        };
+        let c = tensor::<B, 2>(42, [300, 70]);
         for step in 0..3 {
-            let loss = layer.forward(x.clone()).powf_scalar(2.0).sum();
-            let grads = GradientsParams::from_grads(loss.backward(), &layer);
-            layer = optimizer.step(1e-2 * (step + 1) as f64, layer, grads);
+            let loss = (weights.w.val().powf_scalar(2.0) * c.clone()).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &weights);
+            weights = optimizer.step(1e-2 * (step + 1) as f64, weights, grads);
         }
-        let mut weights = data(layer.weight.val());
-        weights.extend(data(layer.bias.unwrap().val()));
-        weights
+        data(weights.w.val())
     }
     let gpu = train::<Gpu>(colt5::optim::AdamConfig::new().init());
     let cpu = train::<Cpu>(burn::optim::AdamConfig::new().init());
@@ -352,7 +365,10 @@ fn bf16_routed_block_on_cuda_matches_the_f32_cpu_block() {
     }
     let device = Default::default();
     <Cpu as burn::tensor::backend::Backend>::seed(&device, 3);
-    let cpu = block::<Cpu>();
+    let cpu = {
+        let _turn = CPU_RANDOM_NUMBERS.lock().unwrap();
+        block::<Cpu>()
+    };
     let bf16 = StateDict::from_module(&cpu)
         .load_into(block::<Bf16>())
         .unwrap();
