@@ -24,6 +24,12 @@ where
         beta: Option<FloatTensor<Self>>,
         kind: Normalization,
     ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        // f32 only: in bf16 the routed block's test on an H100 read non-finite outputs
+        // through the fused kernels, not yet explained; bf16 composes tensor operations.
+        let f32 = burn::tensor::DType::F32;
+        if F::dtype() != f32 || x.dtype != f32 || gamma.dtype != f32 {
+            return None;
+        }
         let (x, gamma, beta) = (
             into_contiguous(x),
             into_contiguous(gamma),

@@ -178,46 +178,48 @@ fn composed<B: Backend, const D: usize>(
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex, NdArray};
-    use burn::module::Param;
-    use burn::nn::{Linear, LinearConfig};
+    use burn::module::{Module, Param};
     use burn::optim::{GradientsParams, Optimizer};
-    use burn::tensor::backend::AutodiffBackend;
+    use burn::tensor::backend::{AutodiffBackend, Backend};
     use burn::tensor::{Tensor, TensorData};
 
-    /// The weights of a linear layer after three steps of `optimizer` on a fixed loss, from
-    /// fixed weights.
-    fn train<B: AutodiffBackend>(mut optimizer: impl Optimizer<Linear<B>, B>) -> Vec<f32> {
+    #[derive(Module, Debug)]
+    struct Weights<B: Backend> {
+        w: Param<Tensor<B, 2>>,
+    }
+
+    /// Deterministic values in (−1.5, 1.8).
+    fn values(count: usize, seed: usize) -> Vec<f32> {
+        (0..count)
+            .map(|i| ((i * 37 + seed * 11) % 23) as f32 / 7.0 - 1.5)
+            .collect()
+    }
+
+    /// The weights after three steps of `optimizer` on sum(w² · c) (an elementwise loss:
+    /// the same gradients 2·w·c on every backend and run) from fixed weights, at a rising
+    /// learning rate.
+    fn train<B: AutodiffBackend>(mut optimizer: impl Optimizer<Weights<B>, B>) -> Vec<f32> {
         let device = Default::default();
-        let values = |count: usize, seed: usize| -> Vec<f32> {
-            (0..count)
-                .map(|i| ((i * 37 + seed * 11) % 23) as f32 / 7.0 - 1.5)
-                .collect()
+        let tensor =
+            |seed| Tensor::<B, 2>::from_data(TensorData::new(values(30, seed), [6, 5]), &device);
+        let mut weights = Weights {
+            w: Param::from_tensor(tensor(1)),
         };
-        let mut layer = LinearConfig::new(6, 5).init::<B>(&device);
-        layer.weight = Param::from_tensor(Tensor::from_data(
-            TensorData::new(values(30, 1), [6, 5]),
-            &device,
-        ));
-        layer.bias = Some(Param::from_tensor(Tensor::from_data(
-            TensorData::new(values(5, 3), [5]),
-            &device,
-        )));
-        let x = Tensor::<B, 2>::from_data(TensorData::new(values(24, 2), [4, 6]), &device);
+        let c = tensor(2);
         for step in 0..3 {
-            let loss = layer.forward(x.clone()).powf_scalar(2.0).sum();
-            let grads = GradientsParams::from_grads(loss.backward(), &layer);
-            layer = optimizer.step(1e-2 * (step + 1) as f64, layer, grads);
+            let loss = (weights.w.val().powf_scalar(2.0) * c.clone()).sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &weights);
+            weights = optimizer.step(1e-2 * (step + 1) as f64, weights, grads);
         }
-        let mut weights = Vec::new();
-        for tensor in [layer.weight.val(), layer.bias.unwrap().val().unsqueeze()] {
-            weights.extend(tensor.into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        }
-        assert_ne!(
-            weights[..30],
-            values(30, 1)[..],
-            "the steps moved the weights"
-        );
-        weights
+        let trained = weights
+            .w
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_ne!(trained, values(30, 1), "the steps moved the weights");
+        trained
     }
 
     #[test]
