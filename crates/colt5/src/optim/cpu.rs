@@ -29,6 +29,7 @@ pub(super) fn adam_step(
         None => None,
     };
     let len = p.len();
+    let lr = step.lr as f32;
     let mut out = [vec![0f32; len], vec![0f32; len], vec![0f32; len]];
     let threads = match len < PARALLEL_FROM {
         true => 1,
@@ -53,7 +54,7 @@ pub(super) fn adam_step(
                         m2 += moment_2[i] * step.beta_2;
                     }
                     let update = m1 * step.factor / (m2.sqrt() + step.epsilon);
-                    new_p[j] = p[i] - update * step.lr;
+                    new_p[j] = p[i] - update * lr;
                     new_m1[j] = m1;
                     new_m2[j] = m2;
                 }

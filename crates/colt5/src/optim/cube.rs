@@ -24,7 +24,7 @@ where
         let (param, grad) = (into_contiguous(param), into_contiguous(grad));
         let moments = moments.map(|(m1, m2)| (into_contiguous(m1), into_contiguous(m2)));
         let scalars = AdamScalars {
-            lr: step.lr,
+            lr: step.lr as f32,
             beta_1: step.beta_1,
             beta_2: step.beta_2,
             factor: step.factor,

@@ -41,8 +41,8 @@ pub struct Adam {
 /// The scalars of step t (1-based) at learning rate `lr`, as burn's `Adam` computes them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamStep {
-    /// Learning rate.
-    pub lr: f32,
+    /// Learning rate (f64, as burn's scalar operations take it).
+    pub lr: f64,
     /// Decay of the first moment.
     pub beta_1: f32,
     /// Decay of the second moment.
@@ -58,7 +58,7 @@ impl AdamStep {
         let time = time as i32;
         let correction_2 = (1.0 - config.beta_2.powi(time)).sqrt();
         AdamStep {
-            lr: lr as f32,
+            lr,
             beta_1: config.beta_1,
             beta_2: config.beta_2,
             factor: correction_2 / (1.0 - config.beta_1.powi(time)),
