@@ -99,9 +99,9 @@ pub(crate) fn forward(input: &Rows, schedule: &Schedule) -> (Vec<f64>, Vec<f64>)
     parallel_rows(
         rows,
         [n, steps],
-        (&mut y, &mut a),
+        [&mut y, &mut a],
         rows * n * steps,
-        |first, y, a| {
+        |first, [y, a]| {
             let mut scores = Vec::with_capacity(n);
             let mut columns = Vec::with_capacity(n);
             let mut terms = Vec::with_capacity(n);
@@ -138,9 +138,9 @@ pub(crate) fn backward(input: &Rows, grad: &[f64], schedule: &Schedule) -> (Vec<
     parallel_rows(
         rows,
         [n, 1],
-        (&mut d_scores, &mut d_k),
+        [&mut d_scores, &mut d_k],
         rows * n * steps,
-        |first, ds, dk| {
+        |first, [ds, dk]| {
             let mut scores = Vec::with_capacity(n);
             let mut columns = Vec::with_capacity(n);
             let mut weights = Vec::with_capacity(n);

@@ -47,9 +47,9 @@ pub(super) fn forward(
         parallel_rows(
             rows,
             [dim, STATS],
-            (&mut y, &mut stats),
+            [&mut y, &mut stats],
             rows * dim,
-            |first, y, stats| {
+            |first, [y, stats]| {
                 for (r, (y, stats)) in y.chunks_mut(dim).zip(stats.chunks_mut(STATS)).enumerate() {
                     let row = &x[(first + r) * dim..][..dim];
                     let (mean, scale, active) = statistics(row, kind);
@@ -108,7 +108,7 @@ pub(super) fn backward(
     let mut dx = vec![0f32; rows * dim];
     let mut grad_x_hat = vec![0f32; rows * dim];
     if dim > 0 {
-        let work = |first: usize, dx: &mut [f32], grad_x_hat: &mut [f32]| {
+        let work = |first: usize, [dx, grad_x_hat]: [&mut [f32]; 2]| {
             let rows = dx.chunks_mut(dim).zip(grad_x_hat.chunks_mut(dim));
             for (r, (dx, grad_x_hat)) in rows.enumerate() {
                 let at = (first + r) * dim;
@@ -137,7 +137,7 @@ pub(super) fn backward(
         parallel_rows(
             rows,
             [dim, dim],
-            (&mut dx, &mut grad_x_hat),
+            [&mut dx, &mut grad_x_hat],
             rows * dim,
             work,
         );
